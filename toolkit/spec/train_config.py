@@ -1,0 +1,86 @@
+"""The `train:` section of a graph spec: data, loss, optimizer, schedule.
+
+Validated with the rest of the spec at load time and used by `toolkit.train`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from toolkit.spec._base import StrictModel
+
+BuiltinDataset = Literal["digits", "digits_images", "curves", "mnist1d"]
+LossName = Literal["cross_entropy", "mse", "sum_squared", "bce"]
+
+
+class DataConfig(StrictModel):
+    """Where the data comes from and how it is split.
+
+    Exactly one of ``builtin`` (a dataset that ships offline) or ``path`` (.npz, .npy or .csv).
+    For a file, ``inputs`` maps each graph input to an array name (.npz) or column names (.csv), and
+    ``target`` names the target array/column. Splits are deterministic for a given ``seed``.
+    """
+
+    builtin: BuiltinDataset | None = None
+    path: str | None = None
+    inputs: dict[str, str | list[str]] | None = None
+    target: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    limit: int | None = Field(None, gt=0, description="use at most this many examples (before splitting)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("expected exactly one of 'builtin' or 'path'")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"expected val_fraction + test_fraction < 1, got {self.val_fraction + self.test_fraction}"
+            )
+        return self
+
+
+class RegularizerConfig(StrictModel):
+    """Penalties that act in the gradient, the curvature and the preconditioner alike.
+
+    ``group_lasso`` penalises the norm of each rank component of factorized layers; a component whose
+    norm falls under ``prune_threshold`` is removed, so training lowers ranks.
+    """
+
+    l2: float = Field(0.0, ge=0.0)
+    l1: float = Field(0.0, ge=0.0)
+    group_lasso: float = Field(0.0, ge=0.0)
+    prune_threshold: float = Field(1e-3, ge=0.0)
+    l2_on_bias: bool = False
+
+
+class OptimizerConfig(StrictModel):
+    """The optimizer and its hyper-parameters; Hessian-free is the default."""
+
+    name: Literal["hessian_free", "adam", "sgd", "lbfgs"] = "hessian_free"
+    lr: float | None = Field(None, gt=0.0, description="learning rate (adam, sgd, lbfgs); HF uses 1.0")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    curvature: Literal["ggn", "hessian", "fisher"] = "ggn"
+    damping: float = Field(1.0, gt=0.0, description="initial Levenberg-Marquardt lambda")
+    cg_max_iters: int = Field(100, ge=1)
+    curvature_fraction: float = Field(0.25, gt=0.0, le=1.0, description="curvature batch / gradient batch")
+    preconditioner_alpha: float = Field(0.75, ge=0.0, le=1.0)
+    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+
+
+class TrainConfig(StrictModel):
+    """Everything `rlhf train` needs besides the graph itself."""
+
+    data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
+    loss: LossName = "cross_entropy"
+    metrics: list[Literal["accuracy"]] = Field(default_factory=list)
+    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(20, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
