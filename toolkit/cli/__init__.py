@@ -15,19 +15,54 @@ import click
 
 # command name -> (module, attribute, one-line help shown by `rlhf --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "validate": ("toolkit.cli.spec_cmds", "validate", "Check graph specs; report every problem with file, field and line."),
+    "validate": (
+        "toolkit.cli.spec_cmds",
+        "validate",
+        "Check graph specs; report every problem with file, field and line.",
+    ),
     "schema": ("toolkit.cli.spec_cmds", "schema", "Print the JSON Schema of graph specs."),
-    "show": ("toolkit.cli.spec_cmds", "show", "Table of nodes, shapes, parameters and multiply-adds, per stage."),
-    "graph": ("toolkit.cli.spec_cmds", "graph", "Draw a spec as Mermaid or Graphviz dot, stages as clusters."),
-    "train": ("toolkit.cli.train_cmd", "train", "Train a spec (Hessian-free by default) into a run directory."),
-    "export": ("toolkit.cli.deploy_cmds", "export", "Export a trained model to one ONNX file per stage + manifest."),
+    "show": (
+        "toolkit.cli.spec_cmds",
+        "show",
+        "Table of nodes, shapes, parameters and multiply-adds, per stage.",
+    ),
+    "graph": (
+        "toolkit.cli.spec_cmds",
+        "graph",
+        "Draw a spec as Mermaid or Graphviz dot, stages as clusters.",
+    ),
+    "train": (
+        "toolkit.cli.train_cmd",
+        "train",
+        "Train a spec (Hessian-free by default) into a run directory.",
+    ),
+    "export": (
+        "toolkit.cli.deploy_cmds",
+        "export",
+        "Export a trained model to one ONNX file per stage + manifest.",
+    ),
     "run": ("toolkit.cli.deploy_cmds", "run", "Run an export directory with onnxruntime on an input file."),
-    "bench": ("toolkit.cli.deploy_cmds", "bench", "Latency, throughput and memory of an export (staged, fused, int8)."),
-    "factorize": ("toolkit.cli.factorize_cmd", "factorize", "Factorize a dense model (checkpoint or Hugging Face) by SVD."),
+    "bench": (
+        "toolkit.cli.deploy_cmds",
+        "bench",
+        "Latency, throughput and memory of an export (staged, fused, int8).",
+    ),
+    "factorize": (
+        "toolkit.cli.factorize_cmd",
+        "factorize",
+        "Factorize a dense model (checkpoint or Hugging Face) by SVD.",
+    ),
 }
 
 # Exceptions that mean "the user gave us something wrong": one line, exit 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+)
 
 
 class LazyGroup(click.Group):

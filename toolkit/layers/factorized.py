@@ -23,9 +23,7 @@ from torch import nn
 from toolkit.layers.rank import choose_rank
 
 
-def _balanced_svd_factors(
-    w: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _balanced_svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a 2-D matrix (out, in) into U (out, r), V (r, in) by truncated SVD, computed in float64."""
     p, s, qh = torch.linalg.svd(w.double(), full_matrices=False)
     root = s[:rank].sqrt()
@@ -41,7 +39,7 @@ def _singular_values(w: torch.Tensor) -> torch.Tensor:
 class FactorizedMixin:
     """Shared rank bookkeeping; subclasses define ``rank_factors``."""
 
-    def rank_factors(self) -> list[tuple[nn.Parameter, int]]:  # pragma: no cover - abstract
+    def rank_factors(self) -> list[tuple[torch.Tensor, int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
@@ -79,7 +77,7 @@ class FactorizedMixin:
     def _after_prune(self, rank: int) -> None:
         """Update size attributes of the sub-modules after pruning."""
 
-    def _owner_of(self, param: nn.Parameter) -> tuple[nn.Module, str]:
+    def _owner_of(self, param: torch.Tensor) -> tuple[nn.Module, str]:
         assert isinstance(self, nn.Module)
         for mod in self.modules():
             for name, p in mod.named_parameters(recurse=False):
@@ -117,7 +115,7 @@ class FactorizedLinear(FactorizedMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(x))  # (..., in) -> (..., r) -> (..., out)
 
-    def rank_factors(self) -> list[tuple[nn.Parameter, int]]:
+    def rank_factors(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.U.weight, 1), (self.V.weight, 0)]
 
     def dense_weight(self) -> torch.Tensor:
@@ -150,7 +148,10 @@ class FactorizedLinear(FactorizedMixin, nn.Module):
         """
         w = layer.weight.detach()
         choice = choose_rank(
-            *w.shape, rank=rank, ratio=ratio, energy=energy,
+            *w.shape,
+            rank=rank,
+            ratio=ratio,
+            energy=energy,
             singular_values=_singular_values(w) if energy is not None else None,
         )
         if fallback and not choice.factorize:
@@ -211,7 +212,7 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(x))  # (B, in, H, W) -> (B, r, H', W') -> (B, out, H', W')
 
-    def rank_factors(self) -> list[tuple[nn.Parameter, int]]:
+    def rank_factors(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.U.weight, 1), (self.V.weight, 0)]
 
     def dense_weight(self) -> torch.Tensor:
@@ -252,14 +253,22 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
         w = layer.weight.detach()
         flat = w.reshape(w.shape[0], -1)
         choice = choose_rank(
-            *flat.shape, rank=rank, ratio=ratio, energy=energy,
+            *flat.shape,
+            rank=rank,
+            ratio=ratio,
+            energy=energy,
             singular_values=_singular_values(flat) if energy is not None else None,
         )
         if fallback and not choice.factorize:
             return layer
         out = cls(
-            layer.in_channels, layer.out_channels, k, choice.rank,
-            stride=layer.stride[0], padding=int(layer.padding[0]), bias=layer.bias is not None,
+            layer.in_channels,
+            layer.out_channels,
+            k,
+            choice.rank,
+            stride=layer.stride[0],
+            padding=int(layer.padding[0]),
+            bias=layer.bias is not None,
         )
         out.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -297,7 +306,7 @@ class FactorizedEmbedding(FactorizedMixin, nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(ids))  # (B, T) -> (B, T, r) -> (B, T, d)
 
-    def rank_factors(self) -> list[tuple[nn.Parameter, int]]:
+    def rank_factors(self) -> list[tuple[torch.Tensor, int]]:
         return [(self.U.weight, 1), (self.V.weight, 1)]
 
     def dense_weight(self) -> torch.Tensor:
@@ -320,7 +329,10 @@ class FactorizedEmbedding(FactorizedMixin, nn.Module):
         """Truncated SVD of a dense nn.Embedding table (vocab, d); see FactorizedLinear.from_dense."""
         w = layer.weight.detach()
         choice = choose_rank(
-            *w.shape, rank=rank, ratio=ratio, energy=energy,
+            *w.shape,
+            rank=rank,
+            ratio=ratio,
+            energy=energy,
             singular_values=_singular_values(w) if energy is not None else None,
         )
         if fallback and not choice.factorize:
