@@ -1,0 +1,195 @@
+"""Per-stage ONNX export: round-trip parity against float64 torch, manifest, atomicity, failures."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_helpers import GRAPHS, ToyModel, toy_sample
+from torch import nn
+
+from toolkit.export import QuantSetting, export_model
+from toolkit.runtime import Executor
+
+ATOL, RTOL = 1e-4, 1e-4  # float32 ONNX vs float64 torch on O(1) activations
+
+
+def _float64_stage_refs(model: nn.Module, sample: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Per stage: inputs and outputs computed by the same graph in float64 (another computation)."""
+    m64 = copy.deepcopy(model).double().eval()
+    env = {
+        k: torch.from_numpy(v).double() if v.dtype.kind == "f" else torch.from_numpy(v)
+        for k, v in sample.items()
+    }
+    refs = []
+    with torch.no_grad():
+        for stage in m64.stages:
+            ins = {n: env[n] for n in stage.input_names}
+            outs = dict(zip(stage.output_names, stage(*ins.values())))
+            env.update(outs)
+            refs.append(
+                {"in": {k: v.numpy() for k, v in ins.items()}, "out": {k: v.numpy() for k, v in outs.items()}}
+            )
+    return refs
+
+
+def _cast(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float32) if a.dtype == np.float64 else a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph", GRAPHS, ids=lambda p: p.stem)
+def test_roundtrip_parity_per_stage(graph: Path, graph_export: Any) -> None:
+    model, sample, out, manifest = graph_export(graph)
+    assert len(manifest["stages"]) == len(model.stages)
+    refs = _float64_stage_refs(model, sample)
+    for i, (stage, entry, ref) in enumerate(zip(model.stages, manifest["stages"], refs)):
+        path = out / entry["files"]["fp32"]["file"]
+        assert path.name == f"stage_{i:02d}.onnx"
+        proto = onnx.load(path)
+        assert [t.name for t in proto.graph.input] == list(stage.input_names)
+        assert [t.name for t in proto.graph.output] == list(stage.output_names)
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+        # parameter names kept where the exporter allows (it may fold BatchNorm or pre-transpose a weight)
+        factors = {n for n, _ in stage.named_parameters() if ".U." in n or ".V." in n}
+        kept = factors & {t.name for t in proto.graph.initializer}
+        assert len(kept) >= 0.5 * len(factors), (factors, kept)
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for rows in (slice(0, 1), slice(0, 7), slice(None)):  # batch 1, 7 and all samples
+            feeds = {k: _cast(v[rows]) for k, v in ref["in"].items()}
+            got = sess.run(list(stage.output_names), feeds)
+            for name, g in zip(stage.output_names, got):
+                np.testing.assert_allclose(
+                    g, ref["out"][name][rows], rtol=RTOL, atol=ATOL, err_msg=f"{graph.stem} stage {i} {name}"
+                )
+        assert entry["parity"]["ok"] and entry["parity"]["max_abs"] < ATOL
+        data = path.read_bytes()
+        assert entry["files"]["fp32"] == {
+            "file": path.name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+        assert entry["parameters"] == sum(p.numel() for p in stage.parameters())
+    # end to end: the executor chaining the stages vs the float64 model
+    with torch.no_grad():
+        m64 = copy.deepcopy(model).double()
+        ref = m64(
+            *[
+                torch.from_numpy(sample[n]).double()
+                if sample[n].dtype.kind == "f"
+                else torch.from_numpy(sample[n])
+                for n in model.input_names
+            ]
+        )
+    ref_list = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    got = Executor(out, providers="cpu").run(sample)
+    for name, r in zip(model.output_names, ref_list):
+        np.testing.assert_allclose(got[name], r.numpy(), rtol=RTOL, atol=ATOL)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["opset"] == 18 and on_disk["parity"]["end_to_end"]["ok"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "fused.onnx"] + [f"stage_{i:02d}.onnx" for i in range(len(model.stages))]
+    )
+
+
+def test_skip_connection_across_two_cuts(tmp_path: Path) -> None:
+    model = ToyModel().eval()
+    sample = toy_sample(model, 20)
+    manifest = export_model(model, tmp_path / "toy", sample=sample)
+    assert [[t["name"] for t in s["inputs"]] for s in manifest["stages"]] == [
+        ["x", "bias"],
+        ["act1"],
+        ["act1", "act2"],
+    ]
+    assert manifest["inputs"] == [
+        {"name": "x", "dtype": "float32", "shape": [None, 16]},
+        {"name": "bias", "dtype": "float32", "shape": [None, 32]},
+    ]
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(*[torch.from_numpy(sample[n]).double() for n in ("x", "bias")])
+    got = Executor(tmp_path / "toy", providers="cpu").run(sample)["head"]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=RTOL, atol=ATOL)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent Python control flow: torch.export cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * 2,) if float(x.sum()) > 0 else (x,)
+
+
+def test_export_failure_leaves_nothing(tmp_path: Path) -> None:
+    model = ToyModel().eval()
+    model.stages[1].fn = _Branchy()
+    with pytest.raises(ValueError, match="stage 1"):
+        export_model(model, tmp_path / "out", sample=toy_sample(model, 8))
+    assert list(tmp_path.iterdir()) == []  # no out dir, no temp dir
+
+
+def test_parity_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import toolkit.export.exporter as exporter
+
+    real = exporter.run_onnx
+
+    def off_by_a_bit(*args: Any, **kwargs: Any) -> list[np.ndarray]:
+        return [o + np.float32(0.1) for o in real(*args, **kwargs)]
+
+    monkeypatch.setattr(exporter, "run_onnx", off_by_a_bit)
+    model = ToyModel().eval()
+    with pytest.raises(ValueError, match="parity check failed"):
+        export_model(model, tmp_path / "out", sample=toy_sample(model, 8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
+    model = ToyModel().eval()
+    sample = toy_sample(model, 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists"):
+        export_model(model, out, sample=sample)
+    export_model(model, out, sample=sample, overwrite=True, optimize=True)
+    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["optimization"] == "basic"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bad_sample_is_rejected(tmp_path: Path) -> None:
+    model = ToyModel().eval()
+    sample = toy_sample(model, 8)
+    with pytest.raises(ValueError, match=r"expected arrays for inputs \['x', 'bias'\]"):
+        export_model(model, tmp_path / "a", sample={"x": sample["x"]})
+    with pytest.raises(ValueError, match="quantize"):
+        export_model(model, tmp_path / "b", sample=sample, quantize="int4")
+    with pytest.raises(ValueError, match="batch size"):
+        export_model(model, tmp_path / "c", sample={"x": sample["x"], "bias": sample["bias"][:3]})
+
+
+def test_int8_variant(tmp_path: Path) -> None:
+    model = ToyModel(d_in=64, hidden=128, rank=32).eval()
+    sample = toy_sample(model, 64)
+    calib = toy_sample(model, 128, seed=5)
+    settings = (QuantSetting("dynamic", "qint8"), QuantSetting("static", "qint8", per_channel=True))
+    manifest = export_model(
+        model, tmp_path / "q", sample=sample, calibration=calib, quantize="int8", quant_candidates=settings
+    )
+    q = manifest["quantization"]
+    assert {c["label"] for c in q["candidates"]} == {s.label for s in settings}
+    assert len(q["stages"]) == 3 and all("max_abs_vs_fp32" in s for s in q["stages"])
+    for entry in manifest["stages"]:
+        assert entry["files"]["int8"]["bytes"] < entry["files"]["fp32"]["bytes"]
+    fp32 = Executor(tmp_path / "q", providers="cpu").run(sample)["head"]
+    int8 = Executor(tmp_path / "q", providers="cpu", variant="int8").run(sample)["head"]
+    err = float(np.max(np.abs(int8 - fp32)))
+    assert err == pytest.approx(q["end_to_end"]["max_abs_vs_fp32"], rel=1e-5)
+    assert err < 0.1 * float(np.max(np.abs(fp32)))

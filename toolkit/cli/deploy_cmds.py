@@ -1,0 +1,264 @@
+"""`rlhf export`, `rlhf run`, `rlhf bench`: each parses, calls one library function, prints.
+
+`run` and `bench` import only the runtime (numpy + onnxruntime); `export` imports torch, and `bench`
+imports it only to time torch eager when it is installed and a model is known.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from toolkit.runtime.manifest import TensorInfo
+
+
+def _load_samples(
+    spec: Any, n: int
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray] | None]:
+    """Evaluation samples (test split) with labels, and calibration samples (train split), from the spec's data."""
+    from toolkit.data import load_data
+
+    splits = load_data(spec.train.data, spec.inputs)
+    test = splits.test if len(splits.test) else splits.val
+    sample = {k: v[:n] for k, v in test.inputs.items()}
+    targets = test.targets[:n] if test.targets is not None and test.targets.ndim == 1 else None
+    calib = {k: v[: max(n, 512)] for k, v in splits.train.inputs.items()}
+    return sample, targets, calib
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Export directory to create."
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Also write int8 files (settings chosen by accuracy).",
+)
+@click.option("--optimize", is_flag=True, help="onnxruntime offline graph optimization (basic, portable).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option(
+    "--samples", type=int, default=256, show_default=True, help="Test samples for the parity check."
+)
+def export(
+    source: Path, out: Path, quantize: str | None, optimize: bool, overwrite: bool, opset: int, samples: int
+) -> None:
+    """Export a trained run (RUN_DIR or checkpoint) to one ONNX file per stage + manifest.json."""
+    from toolkit.checkpoint import load_model
+    from toolkit.export import export_model
+
+    if samples < 2:
+        raise ValueError(f"--samples: expected at least 2, got {samples}")
+    model, spec, _ = load_model(source)
+    sample, targets, calib = _load_samples(spec, samples)
+    manifest = export_model(
+        model,
+        out,
+        sample=sample,
+        targets=targets,
+        calibration=calib,
+        opset=opset,
+        quantize=quantize,
+        optimize=optimize,
+        overwrite=overwrite,
+        source=str(source.resolve()),
+    )
+    par = manifest["parity"]["end_to_end"]
+    click.echo(
+        f"exported {len(manifest['stages'])} stages of {manifest['name']} to {out} "
+        f"(end-to-end max abs error vs torch {par['max_abs']:.2e} on {manifest['parity']['samples']} samples)"
+    )
+    q = manifest.get("quantization")
+    if q:
+        e2e = q["end_to_end"]
+        acc = (
+            f", accuracy change {100 * e2e['accuracy_change']:+.2f} points"
+            if "accuracy_change" in e2e
+            else ""
+        )
+        click.echo(f"int8: {q['chosen']['label']}, size ratio {e2e['size_ratio']:.2f}{acc}")
+
+
+def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
+    """A .npy (single-input model), .npz (names) or .csv (single input, one example per row) file."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    elif suffix in (".npy", ".csv"):
+        if len(infos) != 1:
+            names = [t.name for t in infos]
+            raise ValueError(
+                f"--input {path}: the model has inputs {names}: expected a .npz file with those names"
+            )
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            fixed = [d for d in infos[0].shape[1:] if d is not None]
+            if arr.shape[1] == int(np.prod(fixed)):
+                arr = arr.reshape(arr.shape[0], *fixed)
+        arrays = {infos[0].name: arr}
+    else:
+        raise ValueError(
+            f"--input {path}: expected a .npy, .npz or .csv file, got {suffix or 'no extension'}"
+        )
+    out = {}
+    for t in infos:
+        if t.name in arrays:
+            a = arrays[t.name]
+            if not np.can_cast(a.dtype, t.dtype, casting="same_kind"):
+                raise ValueError(
+                    f"--input {path}: input {t.name!r}: expected {t.dtype} values, got {a.dtype}"
+                )
+            arrays[t.name] = a.astype(t.dtype, copy=False)
+    out.update(arrays)
+    return out
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=".npy (one output) or .npz",
+)
+@click.option("--variant", default="fp32", show_default=True, help="fp32 or int8 (when exported).")
+@click.option("--fused", is_flag=True, help="Run fused.onnx instead of the stages.")
+@click.option(
+    "--providers", default="auto", show_default=True, help="auto, cpu, cuda or comma-separated names."
+)
+@click.option(
+    "--memory-budget", type=int, default=None, help="Bytes; stream stages when they do not all fit."
+)
+@click.option(
+    "--threads", type=int, default=0, show_default=True, help="intra-op threads (0 = one per core)."
+)
+def run(
+    export_dir: Path,
+    input_path: Path,
+    out: Path,
+    variant: str,
+    fused: bool,
+    providers: str,
+    memory_budget: int | None,
+    threads: int,
+) -> None:
+    """Run an export directory with onnxruntime on an input file; write the outputs."""
+    from toolkit.runtime import Executor, SessionConfig
+
+    prov: str | list[str] = providers if providers in ("auto", "cpu", "cuda") else providers.split(",")
+    ex = Executor(
+        export_dir,
+        providers=prov,
+        memory_budget=memory_budget,
+        session_options=SessionConfig(intra_op_threads=threads),
+        variant=variant,
+        fused=fused,
+    )
+    outputs = ex.run(_read_input(input_path, ex.input_infos))
+    suffix = out.suffix.lower()
+    if suffix == ".npz":
+        np.savez(out, **outputs)  # type: ignore[arg-type]
+    elif suffix == ".npy":
+        if len(outputs) != 1:
+            raise ValueError(f"-o {out}: the model has outputs {list(outputs)}: expected a .npz path")
+        np.save(out, next(iter(outputs.values())))
+    else:
+        raise ValueError(f"-o {out}: expected a .npy or .npz path, got {suffix or 'no extension'}")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
+    click.echo(f"wrote {out}: {shapes} ({ex.mode}, {ex.providers[0]})")
+
+
+def _torch_eager(model_path: str, threads: int) -> Any:
+    """A function inputs -> outputs running the torch model eagerly (None when torch is missing)."""
+    try:
+        import torch
+
+        from toolkit.checkpoint import load_model
+    except ImportError:
+        return None
+    torch.set_num_threads(max(1, threads))
+    model, _, _ = load_model(model_path)
+    names = list(model.input_names)
+
+    def fn(inputs: dict[str, np.ndarray]) -> Any:
+        with torch.inference_mode():
+            return model(*[torch.from_numpy(inputs[n]) for n in names])
+
+    return fn
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--batch", "batches", type=int, multiple=True, default=(1, 256), show_default=True)
+@click.option(
+    "--threads", type=int, default=1, show_default=True, help="intra-op threads (1: edge-style latency)."
+)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    help="Run dir or checkpoint for torch eager (default: the export's source).",
+)
+@click.option(
+    "--seconds", type=float, default=0.5, show_default=True, help="Time per configuration and batch."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(
+    export_dir: Path,
+    batches: tuple[int, ...],
+    threads: int,
+    model_path: str | None,
+    seconds: float,
+    as_json: bool,
+) -> None:
+    """Latency percentiles, throughput and peak RSS: staged vs fused vs torch eager, int8 vs fp32."""
+    from toolkit.runtime.bench import bench_export
+    from toolkit.runtime.manifest import read_manifest
+
+    if any(b < 1 for b in batches):
+        raise ValueError(f"--batch: expected positive batch sizes, got {list(batches)}")
+    manifest = read_manifest(export_dir)
+    source = model_path or manifest.raw.get("source")
+    extra = {}
+    if source and Path(source).exists():
+        fn = _torch_eager(str(source), threads)
+        if fn is not None:
+            extra["torch eager"] = fn
+    rows = bench_export(
+        export_dir, tuple(batches), threads=threads, providers="cpu", extra=extra, min_seconds=seconds
+    )
+    if as_json:
+        click.echo(json.dumps({"threads": threads, "rows": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{manifest.name}: {export_dir} (intra-op threads {threads})")
+    for col in ("config", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "config" else "right")
+    for r in rows:
+        table.add_row(
+            str(r["config"]),
+            str(r["batch"]),
+            f"{r['p50_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            f"{r['throughput']:.0f}",
+            f"{int(r['peak_rss_bytes']) / 2**20:.1f}",  # type: ignore[call-overload]
+        )
+    Console().print(table)

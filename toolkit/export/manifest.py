@@ -1,0 +1,59 @@
+"""The manifest.json an export directory carries (format read back by toolkit.runtime.manifest)."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from toolkit.runtime.manifest import FORMAT, VERSION
+
+
+def tensor_info(name: str, array: np.ndarray) -> dict[str, Any]:
+    """``{"name", "dtype", "shape"}`` with ``None`` for the (dynamic) batch axis."""
+    return {"name": name, "dtype": str(array.dtype), "shape": [None, *(int(d) for d in array.shape[1:])]}
+
+
+def file_entry(name: str, data: bytes) -> dict[str, Any]:
+    """``{"file", "sha256", "bytes"}`` of a file's contents."""
+    return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def build_manifest(
+    *,
+    name: str,
+    opset: int,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    stages: list[dict[str, Any]],
+    fused: dict[str, Any],
+    parity: dict[str, Any],
+    quantization: dict[str, Any] | None,
+    optimization: str | None,
+) -> dict[str, Any]:
+    """Assemble the manifest document (see toolkit/runtime/manifest.py for the layout)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name,
+        "opset": opset,
+        "producer": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+            "exporter": "torch.onnx.export(dynamo=True)",
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+        "stages": stages,
+        "fused": fused,
+        "parity": parity,
+        "quantization": quantization,
+        "optimization": optimization,
+    }

@@ -1,0 +1,290 @@
+"""Export one torch module to a self-contained ONNX file, and check it.
+
+The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript). With torch 2.13
+it keeps every parameter under its module path as the initializer name (``fc1.V.weight``) and
+emits one ``Gemm`` per linear layer, whereas the TorchScript exporter (``dynamo=False``) is
+deprecated, renames folded weights (``onnx::MatMul_11``, stored transposed) and warns that it
+will be removed. Its minimum opset is 18, which onnxruntime supports since 1.14.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+DEFAULT_OPSET = 18
+BATCH = "batch"
+
+
+_REGISTRY_CACHE: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def _cached_torchlib_registry() -> Iterator[None]:
+    """Build the exporter's op registry once per opset instead of once per call (~3 s each).
+
+    torch.onnx rebuilds ``ONNXRegistry.from_torchlib`` on every export; a staged model exports
+    one graph per stage plus the fused one. The registry is only read when no custom translation
+    table is given (we never give one). Private API: when it is not there, nothing is patched.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # pragma: no cover - other torch versions
+        yield
+        return
+    cls = getattr(_registration, "ONNXRegistry", None)
+    original = cls.__dict__.get("from_torchlib") if cls is not None else None
+    if cls is None or not isinstance(original, classmethod):
+        yield
+        return
+    build = original.__get__(None, cls)
+
+    def cached(*args: Any, **kwargs: Any) -> Any:
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRY_CACHE:
+            _REGISTRY_CACHE[key] = build(*args, **kwargs)
+        return _REGISTRY_CACHE[key]
+
+    cls.from_torchlib = staticmethod(cached)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = original
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress warnings (torchvision ops missing, deprecations)."""
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._export", "torch.__trace", "torch.fx", "onnxscript")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+_PREFIX = "_rlhf_inner"
+
+
+class _Holder(nn.Module):
+    """Holds a module one level down, so its children's names cannot collide with attributes of
+    torch.fx.GraphModule (a node id ``code`` breaks torch.export: ``GraphModule.code`` is a property)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        setattr(self, _PREFIX, inner)
+
+    def forward(self, *xs: torch.Tensor) -> Any:
+        return getattr(self, _PREFIX)(*xs)
+
+
+def _needs_holder(module: nn.Module) -> bool:
+    reserved = set(dir(torch.fx.GraphModule))
+    return any(name in reserved for name, _ in module.named_children())
+
+
+def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
+    """Rename initializers ``prefix.a.b`` back to ``a.b`` everywhere they are referenced."""
+    renames = {i.name: i.name[len(prefix) :] for i in proto.graph.initializer if i.name.startswith(prefix)}
+    if not renames:
+        return
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    for vi in proto.graph.value_info:
+        vi.name = renames.get(vi.name, vi.name)
+
+
+def export_module(
+    module: nn.Module,
+    args: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Trace ``module(*args)`` to ONNX with a dynamic batch axis (axis 0 of every input and output).
+
+    Args:
+        module: the stage (or whole model), in eval mode.
+        args: example inputs, batch size >= 2 (torch.export specializes a batch of 1).
+        input_names, output_names: names of the graph inputs/outputs (the tensors crossing the cut).
+        opset: ONNX opset (>= 18 for this exporter).
+
+    Returns:
+        The ModelProto, weights embedded.
+
+    Raises:
+        ValueError: the exporter failed, or names collide (a stage returning one of its inputs unchanged).
+    """
+    if opset < 18:
+        raise ValueError(f"opset: expected >= 18 (torch.onnx dynamo exporter), got {opset}")
+    clash = set(input_names) & set(output_names)
+    if clash:
+        raise ValueError(
+            f"tensor names {sorted(clash)} are both inputs and outputs of one stage: expected a stage to "
+            "produce new tensors (the executor keeps earlier tensors available to later stages)"
+        )
+    batch = torch.export.Dim(BATCH)
+    per_arg = tuple({0: batch} for _ in args)
+    held = _needs_holder(module)
+    target: nn.Module = _Holder(module) if held else module
+    params = list(inspect.signature(target.forward).parameters.values())
+    varargs = bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL
+    dynamic = (per_arg,) if varargs else per_arg  # forward(*xs) takes one nested spec
+    with _quiet(), _cached_torchlib_registry(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                target.eval(),
+                tuple(args),
+                None,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many internal types
+            root = exc.__cause__ or exc
+            first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+            raise ValueError(f"torch.onnx.export failed for {type(module).__name__}: {first}") from exc
+    assert program is not None
+    proto = program.model_proto
+    if held:
+        _strip_prefix(proto, _PREFIX + ".")
+    return proto
+
+
+def check_model(
+    proto: onnx.ModelProto, input_names: Sequence[str], output_names: Sequence[str]
+) -> onnx.ModelProto:
+    """onnx.checker (full) and strict shape inference; names of inputs/outputs must be as asked.
+
+    Returns:
+        The model with inferred value_info.
+
+    Raises:
+        ValueError: the checker or shape inference fails, or the names differ.
+    """
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValueError(f"ONNX check failed: {exc}") from exc
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise ValueError(
+            f"ONNX graph names: expected inputs {list(input_names)} outputs {list(output_names)}, "
+            f"got inputs {got_in} outputs {got_out}"
+        )
+    return inferred
+
+
+def save_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write one self-contained file (no external-data sidecar) and fsync it."""
+    path = Path(path)
+    data = proto.SerializeToString()  # raises ValueError above the 2 GB protobuf limit
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Gemm(A, B, C)`` with a constant B as ``MatMul(A, Bᵀ) + C``.
+
+    onnxruntime's dynamic quantization handles MatMul (MatMulInteger) but not Gemm, which is what
+    the exporter emits for linear layers. Only alpha = beta = 1, transA = 0 is rewritten.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            node.op_type != "Gemm"
+            or node.input[1] not in inits
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or attrs.get("transA", 0) != 0
+        ):
+            nodes.append(node)
+            continue
+        b = inits[node.input[1]]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(b)
+            b.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), b.name))
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        mm_out = node.output[0] + "_matmul" if has_bias else node.output[0]
+        nodes.append(
+            onnx.helper.make_node(
+                "MatMul", [node.input[0], node.input[1]], [mm_out], name=node.name + "_MatMul"
+            )
+        )
+        if has_bias:
+            nodes.append(
+                onnx.helper.make_node(
+                    "Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_Add"
+                )
+            )
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def compact(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop what a deployed file does not need: per-node metadata (the exporter's stack traces,
+    which also leak source paths), doc strings and intermediate value_info (onnxruntime infers
+    shapes itself). Graph inputs/outputs, initializer names and opsets are untouched."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.doc_string = ""
+    g = out.graph
+    g.doc_string = ""
+    for node in g.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del g.value_info[:]
+    for t in g.initializer:
+        t.doc_string = ""
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute
+    ):
+        return out  # subgraphs may refer to outer names: leave the names alone
+    # intermediate tensor and node names carry nothing a user sees: make them short
+    keep = {i.name for i in g.input} | {o.name for o in g.output} | {t.name for t in g.initializer}
+    short: dict[str, str] = {}
+    for i, node in enumerate(g.node):
+        node.name = f"n{i}"
+        for j, name in enumerate(node.output):
+            if name and name not in keep:
+                short.setdefault(name, f"t{len(short)}")
+                node.output[j] = short[name]
+    for node in g.node:
+        node.input[:] = [short.get(name, name) for name in node.input]
+    return out

@@ -1,0 +1,383 @@
+"""Run an export directory stage by stage with onnxruntime (numpy + onnxruntime only)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from toolkit.runtime.manifest import (
+    FileEntry,
+    Manifest,
+    TensorInfo,
+    read_manifest,
+    read_verified,
+    same_file,
+    verified_path,
+)
+from toolkit.runtime.session import CUDA, SessionConfig, create_session, resolve_providers, run_bound
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What the executor runs: one stage file (or the fused file) with its tensor names."""
+
+    label: str
+    entry: FileEntry
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl without it, Windows)
+        return None
+
+
+_LIBC = _load_libc() if sys.platform.startswith("linux") else None
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Serve every allocation >= ``nbytes`` with its own mmap, returned to the system on free.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are freed, so a
+    released stage's weight buffers would be recycled inside the heap, fragmented, and the next
+    stage's weights land beside them: the resident set creeps up to ~1.5x the largest stage.
+    Pinning the threshold keeps it at one stage plus one tensor. Process-wide; Linux/glibc only.
+    """
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def release_free_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc ``malloc_trim``; no-op elsewhere).
+
+    A released stage's weights are freed, but glibc keeps large freed blocks in its heap; without
+    a trim the resident set of a streaming run grows with every stage instead of staying near
+    the largest one.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _nbytes(infos: Sequence[TensorInfo], batch: int) -> int:
+    total = 0
+    for t in infos:
+        n = 1
+        for d in t.shape:
+            n *= batch if d is None else d
+        total += n * np.dtype(t.dtype).itemsize
+    return total
+
+
+class Executor:
+    """Chain the ONNX stages of an export directory, passing tensors by name.
+
+    Every tensor a stage produces is kept in a name -> array environment until the end of the run,
+    so a stage may read any graph input or any earlier stage's output (skip connections across
+    several cuts). Before a file is handed to onnxruntime its size and sha256 are checked against
+    the manifest, on the very bytes that are loaded.
+
+    Memory: with ``memory_budget=None`` (or a budget that holds every stage) all sessions stay
+    resident. Otherwise the executor *streams*: for each run it loads one stage, runs the whole
+    batch through it, releases it and goes on, so peak memory is about the largest stage plus the
+    activations crossing the cuts. Resident CPU runs use IO binding: each tensor crossing a cut lives
+    in a buffer allocated once per batch size, written by its stage and read in place by the next
+    (no per-call allocation or copy between stages); so one Executor must not ``run`` from two
+    threads at once. The estimate per stage is its file size (weights) plus the
+    bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
+    pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory.
+
+    Args:
+        export_dir: directory written by ``toolkit.export.export_model`` / ``rlhf export``.
+        providers: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu", "cuda" or a list of
+            onnxruntime provider names. A provider named explicitly must really be active, else
+            RuntimeError (onnxruntime's silent fallback to CPU becomes visible).
+        memory_budget: bytes available for weights + activations, or None for no limit.
+        session_options: a SessionConfig (threads, memory arena, optimization level) or a dict of
+            its fields.
+        variant: which files to run: "fp32" or another variant in the manifest (e.g. "int8").
+        fused: run the single fused file instead of the stages (for comparison).
+        load_from: "path" (default): hash the file in chunks, let onnxruntime read it, and check
+            that the file was not replaced meanwhile (inode, size, mtime) — about one stage of
+            memory. "bytes": read the file once, hash those bytes and hand the same bytes to
+            onnxruntime — immune to a concurrent writer, about three times the memory.
+
+    Raises:
+        FileNotFoundError: no export directory or manifest.
+        ValueError: invalid manifest, unsafe path, unknown variant, or a budget below the largest stage.
+    """
+
+    def __init__(
+        self,
+        export_dir: str | os.PathLike[str],
+        providers: str | Sequence[str] = "auto",
+        memory_budget: int | None = None,
+        session_options: SessionConfig | Mapping[str, Any] | None = None,
+        *,
+        variant: str = "fp32",
+        fused: bool = False,
+        load_from: str = "path",
+    ) -> None:
+        self.export_dir = Path(export_dir)
+        self.manifest: Manifest = read_manifest(self.export_dir)
+        if isinstance(session_options, Mapping):
+            session_options = SessionConfig(**session_options)
+        self.config = session_options or SessionConfig()
+        explicit = not (isinstance(providers, str) and providers.lower() == "auto")
+        self.providers = resolve_providers(providers)
+        self._strict = explicit
+        if load_from not in ("path", "bytes"):
+            raise ValueError(f"load_from: expected 'path' or 'bytes', got {load_from!r}")
+        self.load_from = load_from
+        self.variant = variant
+        self.fused = fused
+        self.units = self._units(variant, fused)
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
+        self.memory_budget = memory_budget
+        largest = max(u.entry.bytes + _nbytes(u.inputs, 1) + _nbytes(u.outputs, 1) for u in self.units)
+        if memory_budget is not None and largest > memory_budget:
+            raise ValueError(
+                f"memory_budget: expected at least {largest} bytes (the largest stage plus its activations "
+                f"at batch 1), got {memory_budget}"
+            )
+        resident_bytes = sum(u.entry.bytes for u in self.units)
+        self.streaming = memory_budget is not None and resident_bytes > memory_budget
+        self._plan = self._make_plan()
+        self._expect = [(t.name, np.dtype(t.dtype), t.shape) for t in self.manifest.inputs]
+        if self.streaming:
+            pin_mmap_threshold()
+        self._bind_cache: dict[int, list[Any]] = {}
+        self._buffers: dict[int, dict[str, ort.OrtValue]] = {}
+        self._sessions: list[ort.InferenceSession] | None = None
+        if not self.streaming:
+            self._sessions = [self._load(u) for u in self.units]
+
+    # -- construction -----------------------------------------------------------------------------
+    def _units(self, variant: str, fused: bool) -> list[_Unit]:
+        m = self.manifest
+        if fused:
+            if variant not in m.fused:
+                raise ValueError(f"fused variant: expected one of {sorted(m.fused)}, got {variant!r}")
+            return [_Unit("fused", m.fused[variant], m.inputs, m.outputs)]
+        if variant not in m.variants():
+            raise ValueError(f"variant: expected one of {m.variants()}, got {variant!r}")
+        return [_Unit(f"stage {s.index}", s.files[variant], s.inputs, s.outputs) for s in m.stages]
+
+    def _load(self, unit: _Unit) -> ort.InferenceSession:
+        if self.load_from == "bytes":
+            data = read_verified(self.export_dir, unit.entry)
+            sess = create_session(data, self.providers, self.config, strict=self._strict)
+            del data
+            return sess
+        path, before = verified_path(self.export_dir, unit.entry)
+        sess = create_session(str(path), self.providers, self.config, strict=self._strict)
+        if not same_file(path, before):
+            raise ValueError(f"{unit.entry.file} changed while it was being loaded: refusing it")
+        return sess
+
+    def _make_plan(self) -> list[tuple[list[str], list[str], list[str]]]:
+        """Per unit: feed names, output names, and the tensors no later unit or output needs."""
+        plan = []
+        for i, unit in enumerate(self.units):
+            needed = {t.name for u in self.units[i + 1 :] for t in u.inputs} | set(self.output_names)
+            produced = {t.name for u in self.units[: i + 1] for t in u.outputs} | {
+                t.name for t in self.manifest.inputs
+            }
+            plan.append(
+                ([t.name for t in unit.inputs], [t.name for t in unit.outputs], sorted(produced - needed))
+            )
+        return plan
+
+    @property
+    def mode(self) -> str:
+        """ "streaming" or "resident"."""
+        return "streaming" if self.streaming else "resident"
+
+    @property
+    def io_binding(self) -> bool:
+        """True when running on CUDA: activations stay on the GPU between stages."""
+        return self.providers[0] == CUDA
+
+    @property
+    def input_infos(self) -> tuple[TensorInfo, ...]:
+        return self.manifest.inputs
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.manifest.outputs]
+
+    def active_providers(self) -> list[str]:
+        """Providers of the first session (loads and releases it in streaming mode)."""
+        sess = self._sessions[0] if self._sessions else self._load(self.units[0])
+        return list(sess.get_providers())
+
+    # -- input checks -----------------------------------------------------------------------------
+    def check_inputs(self, inputs: Mapping[str, Any]) -> int:
+        """Check names, dtypes and shapes of the graph inputs; return the batch size.
+
+        Raises:
+            TypeError: ``inputs`` is not a mapping of numpy arrays.
+            ValueError: one message listing every problem and what is expected, e.g.
+                ``unknown input 'y'; expected: ['x' float32 (B, 64)]``.
+        """
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs: expected a dict name -> numpy array, got {type(inputs).__name__}")
+        batch = self._fast_check(inputs)
+        if batch is not None:
+            return batch
+        expected = self.manifest.inputs
+        known = {t.name for t in expected}
+        problems: list[str] = []
+        for name in inputs:
+            if name not in known:
+                problems.append(f"unknown input {name!r}")
+        batches: set[int] = set()
+        for t in expected:
+            if t.name not in inputs:
+                problems.append(f"missing input {t.name!r}")
+                continue
+            value = inputs[t.name]
+            if not isinstance(value, np.ndarray):
+                problems.append(f"input {t.name!r}: expected a numpy array, got {type(value).__name__}")
+                continue
+            got = f"{value.dtype} {tuple(value.shape)}"  # only formatted into messages
+            if value.dtype != np.dtype(t.dtype):
+                problems.append(f"input {t.name!r}: wrong dtype, expected {t.describe()}, got {got}")
+            if value.ndim != len(t.shape) or any(
+                d is not None and d != s for d, s in zip(t.shape, value.shape)
+            ):
+                problems.append(f"input {t.name!r}: wrong shape, expected {t.describe()}, got {got}")
+            elif value.ndim:
+                batches.add(int(value.shape[0]))
+        if len(batches) > 1:
+            problems.append(f"inputs disagree on the batch size: got {sorted(batches)}")
+        if problems:
+            listing = "[" + ", ".join(t.describe() for t in expected) + "]"
+            raise ValueError("; ".join(problems) + f"; expected: {listing}")
+        return batches.pop() if batches else 1
+
+    def _fast_check(self, inputs: Mapping[str, Any]) -> int | None:
+        """The batch size when every input is exactly right (the common case, a few µs), else None."""
+        if len(inputs) != len(self._expect):
+            return None
+        batch = None
+        for name, dtype, shape in self._expect:
+            v = inputs.get(name)
+            if not isinstance(v, np.ndarray) or v.dtype != dtype or v.ndim != len(shape) or v.ndim == 0:
+                return None
+            for d, got in zip(shape, v.shape):
+                if d is not None and d != got:
+                    return None
+            if batch is None:
+                batch = int(v.shape[0])
+            elif batch != v.shape[0]:
+                return None
+        return batch
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the whole model on one batch.
+
+        Args:
+            inputs: graph input name -> array (batch axis first), dtypes and shapes as in the manifest.
+
+        Returns:
+            Graph output name -> numpy array.
+
+        Raises:
+            TypeError, ValueError: malformed inputs (see ``check_inputs``).
+        """
+        batch = self.check_inputs(inputs)
+        if self._sessions is not None and not self.io_binding:
+            return self._run_bound_cpu(inputs, batch)
+        env: dict[str, Any] = dict(inputs)
+        bound = self.io_binding
+        for i, (feed_names, names, drop) in enumerate(self._plan):
+            sess = self._sessions[i] if self._sessions is not None else self._load(self.units[i])
+            feeds = {n: env[n] for n in feed_names}
+            outs = run_bound(sess, feeds, names) if bound else sess.run(names, feeds)
+            env.update(zip(names, outs))
+            if self._sessions is None:  # streaming: release this stage before loading the next
+                del sess, feeds
+                gc.collect()
+                release_free_memory()
+            for name in drop:  # activations no later unit needs
+                env.pop(name, None)
+        result = {}
+        for name in self.output_names:
+            value = env[name]
+            result[name] = value.numpy() if isinstance(value, ort.OrtValue) else value
+        return result
+
+    def _bindings(self, batch: int) -> list[Any]:
+        """IO bindings for resident CPU runs at one batch size: every tensor crossing a cut lives
+        in a buffer allocated once, written by its stage and read in place by the next ones."""
+        if batch in self._bind_cache:
+            return self._bind_cache[batch]
+        assert self._sessions is not None
+        graph_inputs = {t.name for t in self.manifest.inputs}
+        buffers: dict[str, ort.OrtValue] = {}
+        bindings = []
+        for sess, unit in zip(self._sessions, self.units):
+            b = sess.io_binding()
+            for t in unit.inputs:
+                if t.name not in graph_inputs:
+                    b.bind_ortvalue_input(t.name, buffers[t.name])
+            for t in unit.outputs:
+                shape = [batch if d is None else d for d in t.shape]
+                buffers[t.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(t.dtype), "cpu")
+                b.bind_ortvalue_output(t.name, buffers[t.name])
+            bindings.append(b)
+        if len(self._bind_cache) >= 4:  # keep a few batch sizes
+            self._bind_cache.pop(next(iter(self._bind_cache)))
+        self._bind_cache[batch] = bindings
+        self._buffers[batch] = buffers
+        return bindings
+
+    def _run_bound_cpu(self, inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        assert self._sessions is not None
+        bindings = self._bindings(batch)
+        arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        for sess, b, (feed_names, _, _) in zip(self._sessions, bindings, self._plan):
+            for n in feed_names:
+                if n in arrays:
+                    b.bind_cpu_input(n, arrays[n])
+            sess.run_with_iobinding(b)
+        buffers = self._buffers[batch]
+        return {name: np.array(buffers[name].numpy(), copy=True) for name in self.output_names}
+
+    def close(self) -> None:
+        """Release every session (a later ``run`` loads each stage again, as in streaming mode)."""
+        self._sessions = None
+        self._bind_cache.clear()
+        self._buffers.clear()
+        gc.collect()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Executor({str(self.export_dir)!r}, units={len(self.units)}, variant={self.variant!r}, "
+            f"mode={self.mode!r}, providers={self.providers})"
+        )

@@ -1,0 +1,283 @@
+"""Read and check an export directory's manifest.json (stdlib only: runs on a device without torch).
+
+The manifest is written by ``toolkit.export``; its layout (format version 1)::
+
+    {"format": "rlhf-export", "version": 1, "name": ..., "opset": 18,
+     "inputs":  [{"name": "x", "dtype": "float32", "shape": [null, 64]}],   # null = batch axis
+     "outputs": [...],
+     "stages": [{"index": 0, "inputs": [...], "outputs": [...], "parameters": 18752,
+                 "files": {"fp32": {"file": "stage_00.onnx", "sha256": ..., "bytes": ...},
+                           "int8": {...}},                                   # optional variants
+                 "parity": {"max_abs": ..., "max_rel": ...}}],
+     "fused": {"files": {"fp32": {...}}, "parity": {...}},
+     "parity": {...}, "quantization": {...} | null, "optimization": null | "basic"}
+
+Every file path is relative to the export directory; a path that is absolute, climbs out with
+``..`` or resolves (through symlinks) outside the directory is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "rlhf-export"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of a tensor crossing a cut; ``None`` in the shape is the batch axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        """``'x' float32 (B, 64)``: the form error messages use."""
+        dims = ", ".join("B" if d is None else str(d) for d in self.shape)
+        return f"'{self.name}' {self.dtype} ({dims})"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One ONNX file of the export: path relative to the directory, sha256 and size."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage: its tensors, parameter count and files per variant ("fp32", "int8")."""
+
+    index: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    parameters: int
+    files: dict[str, FileEntry]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest; ``raw`` keeps the whole JSON document (parity, quantization reports)."""
+
+    name: str
+    opset: int
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    stages: tuple[StageEntry, ...]
+    fused: dict[str, FileEntry]
+    raw: dict[str, Any]
+
+    def variants(self) -> list[str]:
+        """Variants every stage has a file for (e.g. ``['fp32', 'int8']``)."""
+        names = set(self.stages[0].files)
+        for st in self.stages[1:]:
+            names &= set(st.files)
+        return sorted(names, key=lambda v: (v != "fp32", v))
+
+
+def _fail(where: str, expected: str, got: Any) -> ValueError:
+    return ValueError(f"invalid manifest, {where}: expected {expected}, got {got!r}")
+
+
+def _tensor(obj: Any, where: str) -> TensorInfo:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise _fail(where, "an object with a string 'name'", obj)
+    dtype = obj.get("dtype")
+    if dtype not in DTYPES:
+        raise _fail(f"{where}.dtype", f"one of {list(DTYPES)}", dtype)
+    shape = obj.get("shape")
+    if not isinstance(shape, list) or not all(d is None or (isinstance(d, int) and d >= 0) for d in shape):
+        raise _fail(f"{where}.shape", "a list of non-negative ints or null", shape)
+    return TensorInfo(obj["name"], dtype, tuple(shape))
+
+
+def _tensors(obj: Any, where: str) -> tuple[TensorInfo, ...]:
+    if not isinstance(obj, list) or not obj:
+        raise _fail(where, "a non-empty list", obj)
+    return tuple(_tensor(t, f"{where}[{i}]") for i, t in enumerate(obj))
+
+
+def _files(obj: Any, where: str) -> dict[str, FileEntry]:
+    if not isinstance(obj, dict) or "fp32" not in obj:
+        raise _fail(where, "an object with at least an 'fp32' entry", obj)
+    out: dict[str, FileEntry] = {}
+    for variant, entry in obj.items():
+        w = f"{where}.{variant}"
+        if not isinstance(entry, dict):
+            raise _fail(w, "an object", entry)
+        file, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
+        if not isinstance(file, str) or not file:
+            raise _fail(f"{w}.file", "a relative path", file)
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise _fail(f"{w}.sha256", "64 hex digits", digest)
+        if not isinstance(size, int) or size < 0:
+            raise _fail(f"{w}.bytes", "a non-negative int", size)
+        out[variant] = FileEntry(file, digest.lower(), size)
+    return out
+
+
+def parse_manifest(doc: Any) -> Manifest:
+    """Check a manifest document's structure (not the files) and return it parsed.
+
+    Raises:
+        ValueError: a field is missing or has the wrong type; the message names the field.
+    """
+    if not isinstance(doc, dict):
+        raise _fail("top level", "a JSON object", type(doc).__name__)
+    if doc.get("format") != FORMAT:
+        raise _fail("format", repr(FORMAT), doc.get("format"))
+    if doc.get("version") != VERSION:
+        raise _fail("version", str(VERSION), doc.get("version"))
+    stages_raw = doc.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise _fail("stages", "a non-empty list", stages_raw)
+    stages = []
+    for i, st in enumerate(stages_raw):
+        w = f"stages[{i}]"
+        if not isinstance(st, dict):
+            raise _fail(w, "an object", st)
+        stages.append(
+            StageEntry(
+                index=i,
+                inputs=_tensors(st.get("inputs"), f"{w}.inputs"),
+                outputs=_tensors(st.get("outputs"), f"{w}.outputs"),
+                parameters=int(st.get("parameters", 0)),
+                files=_files(st.get("files"), f"{w}.files"),
+            )
+        )
+    fused_raw = doc.get("fused")
+    fused = _files(fused_raw.get("files"), "fused.files") if isinstance(fused_raw, dict) else {}
+    opset = doc.get("opset")
+    if not isinstance(opset, int):
+        raise _fail("opset", "an int", opset)
+    return Manifest(
+        name=str(doc.get("name", "")),
+        opset=opset,
+        inputs=_tensors(doc.get("inputs"), "inputs"),
+        outputs=_tensors(doc.get("outputs"), "outputs"),
+        stages=tuple(stages),
+        fused=fused,
+        raw=doc,
+    )
+
+
+def read_manifest(export_dir: str | os.PathLike[str]) -> Manifest:
+    """Load ``export_dir/manifest.json`` with the json module (never executes code) and check it.
+
+    Raises:
+        FileNotFoundError: the directory or its manifest does not exist.
+        ValueError: the manifest is not valid JSON or has the wrong structure.
+    """
+    root = Path(export_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"export directory not found: {root}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} in {root}: expected an export directory written by `rlhf export`"
+        )
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid manifest {path}: not JSON ({exc})") from None
+    return parse_manifest(doc)
+
+
+def safe_path(root: str | os.PathLike[str], rel: str) -> Path:
+    """Resolve a manifest path inside ``root``, refusing anything that escapes it.
+
+    Raises:
+        ValueError: ``rel`` is absolute, contains ``..``, or resolves (through symlinks) outside ``root``.
+    """
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise ValueError(
+            f"manifest path {rel!r} is absolute: expected a path relative to the export directory"
+        )
+    parts = rel.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise ValueError(f"manifest path {rel!r} contains '..': expected a path inside the export directory")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"manifest path {rel!r} resolves to {target}, outside the export directory {base}")
+    return target
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_verified(root: str | os.PathLike[str], entry: FileEntry) -> bytes:
+    """Read a manifest file's bytes after checking its path, size and sha256.
+
+    The bytes that were hashed are the bytes returned, so a file swapped between the check and
+    the load cannot slip through.
+
+    Raises:
+        ValueError: unsafe path, or the size/sha256 differ from the manifest (file tampered with).
+        FileNotFoundError: the file is missing.
+    """
+    path = safe_path(root, entry.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{entry.file} listed in the manifest is missing from {root}")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != entry.bytes or digest != entry.sha256:
+        raise ValueError(
+            f"{entry.file}: sha256 mismatch, expected {entry.sha256} ({entry.bytes} bytes), "
+            f"got {digest} ({len(data)} bytes); the file was modified after export, refusing to load it"
+        )
+    return data
+
+
+def verified_path(root: str | os.PathLike[str], entry: FileEntry) -> tuple[Path, os.stat_result]:
+    """Check a manifest file's path, size and sha256 (read in chunks) and return its resolved path.
+
+    Loading by path lets onnxruntime read the file itself, which needs about one stage's size of
+    memory instead of three (Python bytes + protobuf + tensors). The returned ``stat`` lets the
+    caller check that the file was not replaced while it was being loaded (``same_file``).
+
+    Raises:
+        ValueError: unsafe path, or the size/sha256 differ from the manifest.
+        FileNotFoundError: the file is missing.
+    """
+    path = safe_path(root, entry.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{entry.file} listed in the manifest is missing from {root}")
+    before = path.stat()
+    digest = sha256_file(path)
+    if before.st_size != entry.bytes or digest != entry.sha256:
+        raise ValueError(
+            f"{entry.file}: sha256 mismatch, expected {entry.sha256} ({entry.bytes} bytes), "
+            f"got {digest} ({before.st_size} bytes); the file was modified after export, refusing to load it"
+        )
+    return path, before
+
+
+def same_file(path: Path, before: os.stat_result) -> bool:
+    """True when ``path`` is still the file (inode, size, mtime) that was hashed."""
+    try:
+        now = path.stat()
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) == (
+        before.st_ino,
+        before.st_dev,
+        before.st_size,
+        before.st_mtime_ns,
+    )

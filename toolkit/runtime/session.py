@@ -1,0 +1,136 @@
+"""onnxruntime sessions: execution providers, session options, and the check that a provider really runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnxruntime as ort
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The session options the executor exposes.
+
+    Attributes:
+        intra_op_threads: threads inside one operator (0 = onnxruntime's default, one per core);
+            1 is typical for batch-1 latency on small devices.
+        inter_op_threads: threads across independent operators (0 = default).
+        memory_arena: keep onnxruntime's CPU memory arena (faster repeated runs, memory is not
+            returned to the system until the session is released).
+        optimization: graph optimization level: "disable", "basic", "extended" or "all".
+        memory_pattern: let onnxruntime pre-plan activation buffers for repeated shapes.
+        prepacking: let onnxruntime keep a second, pre-packed copy of GEMM weights: sometimes
+            faster at large batch, about twice the weight memory, and a different GEMM kernel
+            (last-bit differences). Off by default, so streaming and resident runs give identical
+            outputs and memory stays near one copy of the weights.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    memory_arena: bool = True
+    optimization: str = "all"
+    memory_pattern: bool = True
+    prepacking: bool = False
+
+    def to_ort(self) -> ort.SessionOptions:
+        """Build the onnxruntime SessionOptions.
+
+        Raises:
+            ValueError: unknown optimization level or negative thread count.
+        """
+        if self.optimization not in _OPT_LEVELS:
+            raise ValueError(
+                f"optimization level: expected one of {list(_OPT_LEVELS)}, got {self.optimization!r}"
+            )
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError(
+                f"thread counts: expected >= 0, got intra={self.intra_op_threads} inter={self.inter_op_threads}"
+            )
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.enable_cpu_mem_arena = self.memory_arena
+        so.enable_mem_pattern = self.memory_pattern
+        so.graph_optimization_level = _OPT_LEVELS[self.optimization]
+        so.log_severity_level = 3  # errors only
+        if not self.prepacking:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        return so
+
+
+def resolve_providers(providers: str | Sequence[str]) -> list[str]:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or an explicit list into onnxruntime provider names.
+
+    "auto" picks CUDA (then CPU as fallback) when this onnxruntime build has it, else CPU.
+
+    Raises:
+        ValueError: a requested provider is not compiled into this onnxruntime build.
+    """
+    available = ort.get_available_providers()
+    if isinstance(providers, str):
+        key = providers.lower()
+        if key == "auto":
+            return [CUDA, CPU] if CUDA in available else [CPU]
+        aliases = {"cpu": [CPU], "cuda": [CUDA, CPU]}
+        wanted = aliases.get(key, [providers])
+    else:
+        wanted = list(providers)
+    if not wanted:
+        raise ValueError("providers: expected 'auto', 'cpu', 'cuda' or a non-empty list, got []")
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ValueError(
+            f"execution provider {missing} not available in this onnxruntime build: expected one of {available}"
+        )
+    return wanted
+
+
+def create_session(
+    model: bytes | str, providers: list[str], config: SessionConfig, *, strict: bool
+) -> ort.InferenceSession:
+    """Create a session and check that the first requested provider is really in use.
+
+    onnxruntime silently falls back to CPU when, for instance, the CUDA libraries fail to load;
+    with ``strict`` that becomes an error instead of a slow surprise.
+
+    Raises:
+        RuntimeError: ``strict`` and the session is not running on ``providers[0]``.
+    """
+    sess = ort.InferenceSession(model, sess_options=config.to_ort(), providers=providers)
+    active = sess.get_providers()
+    if strict and providers[0] not in active:
+        raise RuntimeError(
+            f"requested execution provider {providers[0]} is not active: onnxruntime fell back to {active} "
+            "(check the CUDA/cuDNN libraries for onnxruntime-gpu, or pass providers='cpu')"
+        )
+    return sess
+
+
+def run_bound(sess: ort.InferenceSession, feeds: dict[str, Any], output_names: list[str]) -> list[Any]:
+    """Run a session with IO binding on CUDA; outputs stay on the device as OrtValues.
+
+    Inputs may be numpy arrays (copied to the device once) or OrtValues already there (the
+    previous stage's outputs), so activations do not go back to the host between stages.
+    """
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, value)
+    for name in output_names:
+        binding.bind_output(name, "cuda")
+    sess.run_with_iobinding(binding)
+    return list(binding.get_outputs())
