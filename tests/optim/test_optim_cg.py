@@ -1,0 +1,64 @@
+"""Conjugate gradient against torch.linalg.solve on SPD systems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit.optim.cg import conjugate_gradient
+
+
+def _spd(n: int, cond: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)
+    d = torch.rand(n, generator=g, dtype=torch.float64) * 10 + 0.1  # badly scaled rows/cols
+    return d[:, None] * (q @ torch.diag(eig) @ q.T) * d[None, :]
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("warm", [False, True])
+def test_cg_matches_solve(precondition: bool, warm: bool) -> None:
+    a = _spd(30, 1e3, 0)
+    b = torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    m = torch.diagonal(a) if precondition else None
+    x0 = 0.01 * torch.ones(30, dtype=torch.float64) if warm else None
+    res = conjugate_gradient(lambda v: a @ v, b, x0=x0, preconditioner=m, max_iters=300, tol=0.0)
+    expected = torch.linalg.solve(a, b)
+    torch.testing.assert_close(res.x, expected, rtol=1e-7, atol=1e-9)
+    # q(x) tracked by CG equals ½xᵀAx - bᵀx
+    i, x, q = res.iterates[-1]
+    assert i == res.iters
+    torch.testing.assert_close(
+        torch.tensor(q, dtype=torch.float64), 0.5 * x @ a @ x - b @ x, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_preconditioner_speeds_up_badly_scaled_system() -> None:
+    a = _spd(40, 10.0, 2)
+    b = torch.ones(40, dtype=torch.float64)
+    plain = conjugate_gradient(lambda v: a @ v, b, max_iters=200, tol=0.0)
+    pre = conjugate_gradient(lambda v: a @ v, b, preconditioner=torch.diagonal(a), max_iters=200, tol=0.0)
+    assert pre.iters < plain.iters
+
+
+def test_cg_stops_on_negative_curvature_and_keeps_grid() -> None:
+    a = torch.diag(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    res = conjugate_gradient(lambda v: a @ v, b, max_iters=10)
+    assert res.reason == "nonpositive_curvature"
+    assert [i for i, _, _ in res.iterates] == sorted({i for i, _, _ in res.iterates})
+
+
+def test_cg_progress_rule_stops_early() -> None:
+    a = _spd(200, 1e6, 3)
+    b = torch.randn(200, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    res = conjugate_gradient(lambda v: a @ v, b, max_iters=1000, tol=5e-2)
+    assert res.reason == "progress" and res.iters < 1000
+    kept = [i for i, _, _ in res.iterates]
+    assert kept[:5] == [0, 1, 2, 3, 4] and kept[-1] == res.iters
+
+
+def test_cg_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="preconditioner: expected shape"):
+        conjugate_gradient(lambda v: v, torch.ones(3), preconditioner=torch.ones(4))
