@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from toolkit.spec._base import StrictModel
 
-BuiltinDataset = Literal["digits", "digits_images", "curves", "mnist1d"]
+BuiltinDataset = Literal["digits", "digits_images", "digits_tokens", "curves", "mnist1d"]
 LossName = Literal["cross_entropy", "mse", "sum_squared", "bce"]
 
 
@@ -20,17 +20,21 @@ class DataConfig(StrictModel):
 
     Exactly one of ``builtin`` (a dataset that ships offline) or ``path`` (.npz, .npy or .csv).
     For a file, ``inputs`` maps each graph input to an array name (.npz) or column names (.csv), and
-    ``target`` names the target array/column. Splits are deterministic for a given ``seed``.
+    ``target`` names the target array/column (default ``y``); ``target: input`` makes the graph's only
+    input the target (autoencoders; built-in ``curves`` does this by itself). Splits are deterministic
+    for a given ``seed``. See toolkit.data.files for the file layouts.
     """
 
     builtin: BuiltinDataset | None = None
     path: str | None = None
     inputs: dict[str, str | list[str]] | None = None
     target: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     seed: int = 0
-    limit: int | None = Field(None, gt=0, description="use at most this many examples (before splitting)")
+    limit: int | None = Field(
+        default=None, gt=0, description="use at most this many examples (before splitting)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -50,10 +54,10 @@ class RegularizerConfig(StrictModel):
     norm falls under ``prune_threshold`` is removed, so training lowers ranks.
     """
 
-    l2: float = Field(0.0, ge=0.0)
-    l1: float = Field(0.0, ge=0.0)
-    group_lasso: float = Field(0.0, ge=0.0)
-    prune_threshold: float = Field(1e-3, ge=0.0)
+    l2: float = Field(default=0.0, ge=0.0)
+    l1: float = Field(default=0.0, ge=0.0)
+    group_lasso: float = Field(default=0.0, ge=0.0)
+    prune_threshold: float = Field(default=1e-3, ge=0.0)
     l2_on_bias: bool = False
 
 
@@ -61,14 +65,25 @@ class OptimizerConfig(StrictModel):
     """The optimizer and its hyper-parameters; Hessian-free is the default."""
 
     name: Literal["hessian_free", "adam", "sgd", "lbfgs"] = "hessian_free"
-    lr: float | None = Field(None, gt=0.0, description="learning rate (adam, sgd, lbfgs); HF uses 1.0")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    lr: float | None = Field(
+        default=None, gt=0.0, description="learning rate (adam, sgd, lbfgs); HF uses 1.0"
+    )
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd only")
     curvature: Literal["ggn", "hessian", "fisher"] = "ggn"
-    damping: float = Field(1.0, gt=0.0, description="initial Levenberg-Marquardt lambda")
-    cg_max_iters: int = Field(100, ge=1)
-    curvature_fraction: float = Field(0.25, gt=0.0, le=1.0, description="curvature batch / gradient batch")
-    preconditioner_alpha: float = Field(0.75, ge=0.0, le=1.0)
-    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    damping: float = Field(default=1.0, gt=0.0, description="initial Levenberg-Marquardt lambda")
+    cg_max_iters: int = Field(default=100, ge=1)
+    curvature_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="curvature batch / gradient batch"
+    )
+    preconditioner_alpha: float = Field(default=0.75, ge=0.0, le=1.0)
+    jvp_mode: Literal["double_vjp", "jvp", "linearize"] = Field(
+        default="double_vjp",
+        description=(
+            "how J·v is computed inside CG: double_vjp (reverse-over-reverse, built once per step; fastest "
+            "measured on CPU), jvp (forward mode each product), linearize (torch.func.linearize, traced each step)"
+        ),
+    )
+    regularizer: RegularizerConfig = Field(default_factory=lambda: RegularizerConfig())
 
 
 class TrainConfig(StrictModel):
@@ -77,10 +92,22 @@ class TrainConfig(StrictModel):
     data: DataConfig = Field(default_factory=lambda: DataConfig(builtin="digits"))
     loss: LossName = "cross_entropy"
     metrics: list[Literal["accuracy"]] = Field(default_factory=list)
-    batch_size: int = Field(256, ge=1)
-    epochs: int = Field(20, ge=1)
-    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    epochs: int = Field(default=20, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
     seed: int = 0
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(default=50, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="step checkpoints kept (the last and the previous)"
+    )
+    eval_every: int | None = Field(
+        default=None, ge=1, description="steps between validations (default: once per epoch)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    dtype: Literal["float32", "float64"] = "float32"
+    threads: int = Field(
+        default=1,
+        ge=0,
+        description="CPU intra-op threads (0: torch's default); small models run fastest on one",
+    )
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig())
