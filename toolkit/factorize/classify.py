@@ -1,0 +1,147 @@
+"""Text classification on top of a (factorized) encoder, fine-tuned with the Hessian-free optimizer.
+
+The classifier is logits = W_h · mean_pool(encoder(ids)) + b_h. Training data is a user CSV with
+columns ``text`` and ``label`` (labels are any strings; they are mapped to 0..K-1 in sorted order).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from toolkit.factorize.hf import last_hidden, mean_pool, tokenize
+from toolkit.layers import FactorizedMixin, factorized_modules
+
+
+def read_text_csv(path: str | Path) -> tuple[list[str], list[str]]:
+    """Texts and labels of a CSV with a header containing ``text`` and ``label``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: missing columns, empty file or an empty text.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: expected a CSV file with columns text,label, got no such file")
+    with p.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        if "text" not in cols or "label" not in cols:
+            raise ValueError(f"{p}: expected columns 'text' and 'label', got {cols}")
+        texts, labels = [], []
+        for i, row in enumerate(reader, start=2):
+            if not (row["text"] or "").strip():
+                raise ValueError(f"{p}:{i}: expected a non-empty text, got an empty one")
+            texts.append(row["text"])
+            labels.append((row["label"] or "").strip())
+    if not texts:
+        raise ValueError(f"{p}: expected at least one row, got none")
+    return texts, labels
+
+
+class SentenceClassifier(nn.Module):
+    """logits = head(mean_pool(encoder(input_ids, attention_mask))): (B, T) ids -> (B, K)."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # the math SDPA kernel is built from differentiable ops: the Hessian-free curvature products
+        # need second derivatives, which the fused CPU attention kernels do not have
+        with sdpa_kernel(SDPBackend.MATH):
+            h = last_hidden(
+                self.encoder, {"input_ids": input_ids, "attention_mask": attention_mask}
+            )  # (B, T, d)
+        return self.head(mean_pool(h, attention_mask))  # (B, K)
+
+
+@dataclass
+class ClassifierFit:
+    """Losses (full training set, before and after each step) and the label names in index order."""
+
+    labels: list[str]
+    losses: list[float] = field(default_factory=list)
+    accuracy: float = 0.0
+
+
+def fine_tune_classifier(
+    encoder: nn.Module,
+    tok: Any,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    steps: int = 5,
+    train_factors: bool = True,
+    max_length: int = 32,
+    seed: int = 0,
+    **hf_options: Any,
+) -> tuple[SentenceClassifier, ClassifierFit]:
+    """Fine-tune a linear head (and the U factors of the factorized layers) with HessianFree.
+
+    Args:
+        encoder: a transformers encoder (factorized or not).
+        tok: its tokenizer.
+        texts, labels: the training set (one full batch: this is for small user CSVs).
+        steps: Hessian-free steps.
+        train_factors: also train the U weights of every factorized layer in the encoder; else the head only.
+        max_length: token cap per text.
+        seed: seed of the head's initialisation.
+        hf_options: passed to toolkit.optim.HessianFree (damping, cg_max_iters, ...).
+
+    Returns:
+        The classifier and a ClassifierFit (loss on the training set before training and after each step).
+    """
+    from toolkit.optim import HessianFree
+
+    if len(texts) != len(labels) or not texts:
+        raise ValueError(
+            f"expected as many labels as texts (at least one), got {len(texts)} texts, {len(labels)} labels"
+        )
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise ValueError(f"labels: expected at least 2 classes, got {names}")
+    y = torch.tensor([names.index(lab) for lab in labels])  # (N,)
+    enc = tokenize(tok, texts, max_length)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    torch.manual_seed(seed)
+    hidden = int(getattr(getattr(encoder, "config", None), "hidden_size", 0)) or int(
+        last_hidden(encoder, enc).shape[-1]
+    )
+    # BERT's SDPA mask preparation branches on the mask's values (torch.all(mask == 1)), which the
+    # torch.func transforms of the curvature products cannot trace; the additive ("eager") mask is the
+    # same function without that branch (attention itself still runs through SDPA)
+    if getattr(encoder, "attn_implementation", None) == "sdpa":
+        encoder.attn_implementation = "eager"  # type: ignore[assignment]
+    model = SentenceClassifier(encoder, hidden, len(names))
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    params = list(model.head.parameters())
+    if train_factors:
+        for layer in factorized_modules(model.encoder).values():
+            assert isinstance(layer, FactorizedMixin) and isinstance(layer, nn.Module)
+            u = layer.U.weight  # type: ignore[union-attr]
+            assert isinstance(u, nn.Parameter)
+            u.requires_grad_(True)
+            params.append(u)
+    model.eval()  # no dropout: the curvature products need a deterministic forward
+    opt = HessianFree(model, F.cross_entropy, params=params, **hf_options)
+    fit = ClassifierFit(labels=names)
+    with torch.no_grad():
+        fit.losses.append(float(F.cross_entropy(model(ids, mask), y)))
+    for _ in range(steps):
+        opt.step((ids, mask), y)
+        with torch.no_grad():
+            fit.losses.append(float(F.cross_entropy(model(ids, mask), y)))
+    with torch.no_grad():
+        fit.accuracy = float((model(ids, mask).argmax(-1) == y).double().mean())
+    return model, fit

