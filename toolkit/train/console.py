@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -12,13 +13,13 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 
 from toolkit.train.loop import Progress as StepProgress
 
-console = Console(stderr=True)
+# Logs (CI, `make train | tee`) are not terminals: rich would assume 80 columns and cut the step info.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 class ProgressBar:
@@ -33,11 +34,10 @@ class ProgressBar:
         if self.enabled:
             self._bar = Progress(
                 TextColumn("[bold]train"),
-                BarColumn(),
+                BarColumn(bar_width=16),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(),
-                TimeRemainingColumn(),
                 console=console,
             )
             self._bar.__enter__()
