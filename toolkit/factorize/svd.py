@@ -17,12 +17,17 @@ approximates M itself. Statistics are floored at ``floor`` x their mean so unsee
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from toolkit.layers import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear, FactorizedMixin
+from toolkit.layers import (
+    FactorizedConv2d,
+    FactorizedEmbedding,
+    FactorizedLinear,
+    FactorizedMixin,
+    balanced_svd_factors,
+    check_conv2d,
+)
 
 DENSE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -77,32 +82,21 @@ def svd_factors(
         scale: (n,) ASVD column scale s, or None for plain SVD.
 
     Returns:
-        U = P_r Σ_r^½ and V = Σ_r^½ Q_rᵀ S⁻¹ where M·S = P Σ Qᵀ (S = I for plain SVD).
+        U = P_r Σ_r^½ and V = Σ_r^½ Q_rᵀ S⁻¹ where M·S = P Σ Qᵀ (S = I for plain SVD);
+        see toolkit.layers.balanced_svd_factors.
+
+    Raises:
+        ValueError: for a rank outside [1, min(out, n)].
     """
-    m = matrix.double()
-    if not 1 <= rank <= min(m.shape):
-        raise ValueError(f"expected rank in [1, {min(m.shape)}], got {rank}")
-    target = m if scale is None else m * scale[None, :]  # (out, n)
-    p, sv, qh = torch.linalg.svd(target, full_matrices=False)
-    root = sv[:rank].sqrt()
-    u = p[:, :rank] * root  # (out, r)
-    v = root[:, None] * qh[:rank]  # (r, n)
-    if scale is not None:
-        v = v / scale[None, :]
-    return u, v
+    if not 1 <= rank <= min(matrix.shape):
+        raise ValueError(f"expected rank in [1, {min(matrix.shape)}], got {rank}")
+    return balanced_svd_factors(matrix, rank, scale)
 
 
 def scaled_singular_values(matrix: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Singular values of M·S (of M when ``scale`` is None), float64, descending."""
     m = matrix.double()
     return torch.linalg.svdvals(m if scale is None else m * scale[None, :])
-
-
-def _empty(cls: type[nn.Module], like: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    """Construct a factorized layer without running its (SVD-based) initialisation, on like's device/dtype."""
-    with torch.device("meta"):
-        mod = cls(*args, **kwargs)
-    return mod.to_empty(device=like.device).to(dtype=like.dtype)
 
 
 def build_factorized(layer: nn.Module, u: torch.Tensor, v: torch.Tensor) -> FactorizedMixin:
@@ -112,45 +106,21 @@ def build_factorized(layer: nn.Module, u: torch.Tensor, v: torch.Tensor) -> Fact
 
     Raises:
         TypeError: for an unsupported layer type.
+        ValueError: for a convolution FactorizedConv2d cannot represent.
     """
-    rank = int(u.shape[1])
     w = layer.weight
     assert isinstance(w, torch.Tensor)
+    u, v = u.to(w), v.to(w)  # the layer's device and dtype
+    b = getattr(layer, "bias", None)  # nn.Embedding has none
+    bias = b.detach() if isinstance(b, torch.Tensor) else None
     if isinstance(layer, nn.Linear):
-        lin = _empty(
-            FactorizedLinear, w, layer.in_features, layer.out_features, rank, bias=layer.bias is not None
-        )
-        with torch.no_grad():
-            lin.U.weight.copy_(u)
-            lin.V.weight.copy_(v)
-            if layer.bias is not None and lin.U.bias is not None:
-                lin.U.bias.copy_(layer.bias.detach())
-        return lin  # type: ignore[no-any-return]
+        return FactorizedLinear.from_factors(u, v, bias)
     if isinstance(layer, nn.Conv2d):
-        FactorizedConv2d.from_dense(layer, rank=rank, fallback=False)  # validates the convolution's geometry
-        k = layer.kernel_size[0]
-        padding = layer.padding[0] if isinstance(layer.padding, tuple) else 0
-        conv = _empty(
-            FactorizedConv2d,
-            w,
-            layer.in_channels,
-            layer.out_channels,
-            k,
-            rank,
-            stride=layer.stride[0],
-            padding=int(padding),
-            bias=layer.bias is not None,
-        )
-        with torch.no_grad():
-            conv.U.weight.copy_(u.reshape(layer.out_channels, rank, 1, 1))
-            conv.V.weight.copy_(v.reshape(rank, layer.in_channels, k, k))
-            if layer.bias is not None and conv.U.bias is not None:
-                conv.U.bias.copy_(layer.bias.detach())
-        return conv  # type: ignore[no-any-return]
+        k = check_conv2d(layer)
+        return FactorizedConv2d.from_factors(
+            u, v, bias, in_channels=layer.in_channels, kernel_size=k,
+            stride=layer.stride[0], padding=int(layer.padding[0]),
+        )  # fmt: skip
     if isinstance(layer, nn.Embedding):
-        emb = _empty(FactorizedEmbedding, w, layer.num_embeddings, layer.embedding_dim, rank)
-        with torch.no_grad():
-            emb.U.weight.copy_(u)  # (d, r)
-            emb.V.weight.copy_(v.t())  # (vocab, r)
-        return emb  # type: ignore[no-any-return]
+        return FactorizedEmbedding.from_factors(u, v)
     raise TypeError(f"expected nn.Linear, nn.Conv2d or nn.Embedding, got {type(layer).__name__}")

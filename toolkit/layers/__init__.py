@@ -6,6 +6,8 @@ from toolkit.layers.factorized import (
     FactorizedEmbedding,
     FactorizedLinear,
     FactorizedMixin,
+    balanced_svd_factors,
+    check_conv2d,
     factorized_modules,
 )
 from toolkit.layers.rank import RankChoice, choose_rank, max_useful_rank, rank_for_energy, rank_for_ratio
@@ -17,6 +19,8 @@ __all__ = [
     "FactorizedLinear",
     "FactorizedMixin",
     "RankChoice",
+    "balanced_svd_factors",
+    "check_conv2d",
     "choose_rank",
     "factorized_modules",
     "max_useful_rank",

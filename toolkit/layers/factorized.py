@@ -17,19 +17,66 @@ the same scale (this keeps the group-lasso penalty ‖U[:,k]‖² + ‖V[k,:]‖
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from toolkit.layers.rank import choose_rank
 
 
-def _balanced_svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a 2-D matrix (out, in) into U (out, r), V (r, in) by truncated SVD, computed in float64."""
-    p, s, qh = torch.linalg.svd(w.double(), full_matrices=False)
+def balanced_svd_factors(
+    matrix: torch.Tensor, rank: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a 2-D map M (out, n) into U (out, r), V (r, n) by truncated SVD, in float64.
+
+    With M·S = P Σ Qᵀ (S = diag(scale), the identity when ``scale`` is None):
+    U = P_r Σ_r^½ and V = Σ_r^½ Q_rᵀ S⁻¹. A ``scale`` makes the truncation activation-aware (ASVD).
+
+    Returns:
+        (U, V) as float64 tensors on the matrix's device.
+    """
+    m = matrix.double()
+    target = m if scale is None else m * scale[None, :]  # (out, n)
+    p, s, qh = torch.linalg.svd(target, full_matrices=False)
     root = s[:rank].sqrt()
     u = p[:, :rank] * root  # (out, r)
-    v = root[:, None] * qh[:rank]  # (r, in)
-    return u.to(w.dtype), v.to(w.dtype)
+    v = root[:, None] * qh[:rank]  # (r, n)
+    if scale is not None:
+        v = v / scale[None, :]
+    return u, v
+
+
+def _without_init(cls: type[Any], *args: Any, like: torch.Tensor, **kwargs: Any) -> Any:
+    """Construct a layer on the meta device (skipping its SVD initialisation), then allocate it
+    uninitialised on ``like``'s device and dtype; the caller fills in the factors."""
+    with torch.device("meta"):
+        layer = cls(*args, **kwargs)
+    return layer.to_empty(device=like.device).to(dtype=like.dtype)
+
+
+def check_conv2d(layer: nn.Conv2d) -> int:
+    """The kernel size k of a convolution a FactorizedConv2d can stand in for.
+
+    Raises:
+        ValueError: unless the kernel is square, strides and paddings are equal integers, groups=1
+            and dilation=1.
+    """
+    k = layer.kernel_size[0]
+    if (
+        layer.groups != 1
+        or layer.kernel_size != (k, k)
+        or layer.dilation != (1, 1)
+        or len(set(layer.stride)) != 1
+        or not isinstance(layer.padding, tuple)
+        or len(set(layer.padding)) != 1
+    ):
+        raise ValueError(
+            "expected a Conv2d with a square kernel, equal strides and paddings, groups=1 and dilation=1, "
+            f"got kernel={layer.kernel_size} stride={layer.stride} padding={layer.padding} "
+            f"groups={layer.groups} dilation={layer.dilation}"
+        )
+    return k
 
 
 def _singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -105,12 +152,14 @@ class FactorizedLinear(FactorizedMixin, nn.Module):
     def reset_parameters(self) -> None:
         """Initialise so that U·V has the variance of a default dense nn.Linear of the same shape."""
         dense = nn.Linear(self.in_features, self.out_features, bias=self.U.bias is not None)
+        self._set_factors(*balanced_svd_factors(dense.weight, self.rank), dense.bias)
+
+    def _set_factors(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
         with torch.no_grad():
-            u, v = _balanced_svd_factors(dense.weight, self.rank)
-            self.U.weight.copy_(u)
-            self.V.weight.copy_(v)
-            if self.U.bias is not None and dense.bias is not None:
-                self.U.bias.copy_(dense.bias)
+            self.U.weight.copy_(u)  # (out, r)
+            self.V.weight.copy_(v)  # (r, in)
+            if bias is not None and self.U.bias is not None:
+                self.U.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(x))  # (..., in) -> (..., r) -> (..., out)
@@ -156,15 +205,25 @@ class FactorizedLinear(FactorizedMixin, nn.Module):
         )
         if fallback and not choice.factorize:
             return layer
-        out = cls(layer.in_features, layer.out_features, choice.rank, bias=layer.bias is not None)
-        out.to(device=w.device, dtype=w.dtype)
-        u, v = _balanced_svd_factors(w, choice.rank)
-        with torch.no_grad():
-            out.U.weight.copy_(u)
-            out.V.weight.copy_(v)
-            if layer.bias is not None and out.U.bias is not None:
-                out.U.bias.copy_(layer.bias.detach())
-        return out
+        u, v = balanced_svd_factors(w, choice.rank)
+        return cls.from_factors(u.to(w), v.to(w), None if layer.bias is None else layer.bias.detach())
+
+    @classmethod
+    def from_factors(
+        cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> FactorizedLinear:
+        """The layer with U.weight = u (out, r), V.weight = v (r, in) and U.bias = bias, on u's device and dtype.
+
+        Raises:
+            ValueError: when the factor shapes do not chain.
+        """
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(
+                f"expected factors (out, r) and (r, in), got {tuple(u.shape)} and {tuple(v.shape)}"
+            )
+        layer = _without_init(cls, v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, like=u)
+        layer._set_factors(u, v, bias)
+        return layer  # type: ignore[no-any-return]
 
 
 class FactorizedConv2d(FactorizedMixin, nn.Module):
@@ -198,16 +257,16 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
     def reset_parameters(self) -> None:
         """Initialise from the SVD of a default dense convolution of the same shape."""
         dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.U.bias is not None)
-        with torch.no_grad():
-            self._load_dense(dense.weight, dense.bias)
+        flat = dense.weight.reshape(self.out_channels, -1)  # (out, in·k·k)
+        self._set_factors(*balanced_svd_factors(flat, self.rank), dense.bias)
 
-    def _load_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        out_c, in_c, k, _ = weight.shape
-        u, v = _balanced_svd_factors(weight.reshape(out_c, in_c * k * k), self.rank)
-        self.U.weight.copy_(u.reshape(out_c, self.rank, 1, 1))
-        self.V.weight.copy_(v.reshape(self.rank, in_c, k, k))
-        if bias is not None and self.U.bias is not None:
-            self.U.bias.copy_(bias)
+    def _set_factors(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
+        r, k = self.rank, self.kernel_size
+        with torch.no_grad():
+            self.U.weight.copy_(u.reshape(self.out_channels, r, 1, 1))  # (out, r) as 1x1 kernels
+            self.V.weight.copy_(v.reshape(r, self.in_channels, k, k))  # (r, in·k·k) as k x k kernels
+            if bias is not None and self.U.bias is not None:
+                self.U.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(x))  # (B, in, H, W) -> (B, r, H', W') -> (B, out, H', W')
@@ -236,20 +295,7 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
         fallback: bool = True,
     ) -> FactorizedConv2d | nn.Conv2d:
         """Truncated SVD of a dense square-kernel nn.Conv2d (groups=1, dilation=1); see FactorizedLinear.from_dense."""
-        k = layer.kernel_size[0]
-        if (
-            layer.groups != 1
-            or layer.kernel_size != (k, k)
-            or layer.dilation != (1, 1)
-            or len(set(layer.stride)) != 1
-            or not isinstance(layer.padding, tuple)
-            or len(set(layer.padding)) != 1
-        ):
-            raise ValueError(
-                "expected a Conv2d with a square kernel, equal strides and paddings, groups=1 and dilation=1, "
-                f"got kernel={layer.kernel_size} stride={layer.stride} padding={layer.padding} "
-                f"groups={layer.groups} dilation={layer.dilation}"
-            )
+        k = check_conv2d(layer)
         w = layer.weight.detach()
         flat = w.reshape(w.shape[0], -1)
         choice = choose_rank(
@@ -261,19 +307,49 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
         )
         if fallback and not choice.factorize:
             return layer
-        out = cls(
-            layer.in_channels,
-            layer.out_channels,
-            k,
-            choice.rank,
+        u, v = balanced_svd_factors(flat, choice.rank)
+        return cls.from_factors(
+            u.to(w),
+            v.to(w),
+            None if layer.bias is None else layer.bias.detach(),
+            in_channels=layer.in_channels,
+            kernel_size=k,
             stride=layer.stride[0],
             padding=int(layer.padding[0]),
-            bias=layer.bias is not None,
         )
-        out.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out._load_dense(w, None if layer.bias is None else layer.bias.detach())
-        return out
+
+    @classmethod
+    def from_factors(
+        cls,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        in_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> FactorizedConv2d:
+        """The layer with factors u (out, r) and v (r, in·k·k) of the flattened kernel, on u's device and dtype.
+
+        Raises:
+            ValueError: when the factor shapes do not chain or do not match in_channels·k·k.
+        """
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(
+                f"expected factors (out, r) and (r, n), got {tuple(u.shape)} and {tuple(v.shape)}"
+            )
+        if v.shape[1] != in_channels * kernel_size * kernel_size:
+            raise ValueError(
+                f"expected V with in_channels·k·k = {in_channels * kernel_size * kernel_size} columns, "
+                f"got {v.shape[1]}"
+            )
+        layer = _without_init(
+            cls, in_channels, u.shape[0], kernel_size, u.shape[1],
+            stride=stride, padding=padding, bias=bias is not None, like=u,
+        )  # fmt: skip
+        layer._set_factors(u, v, bias)
+        return layer  # type: ignore[no-any-return]
 
 
 class FactorizedEmbedding(FactorizedMixin, nn.Module):
@@ -295,13 +371,13 @@ class FactorizedEmbedding(FactorizedMixin, nn.Module):
 
     def reset_parameters(self) -> None:
         dense = nn.Embedding(self.num_embeddings, self.embedding_dim)
-        with torch.no_grad():
-            self._load_dense(dense.weight)
+        a, b = balanced_svd_factors(dense.weight, self.rank)  # E = A·B: (vocab, r), (r, d)
+        self._set_factors(b.t(), a.t())  # Eᵀ = Bᵀ·Aᵀ
 
-    def _load_dense(self, table: torch.Tensor) -> None:
-        a, b = _balanced_svd_factors(table, self.rank)  # (vocab, r), (r, d)
-        self.V.weight.copy_(a)
-        self.U.weight.copy_(b.t())
+    def _set_factors(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.U.weight.copy_(u)  # (d, r)
+            self.V.weight.copy_(v.t())  # (vocab, r)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.U(self.V(ids))  # (B, T) -> (B, T, r) -> (B, T, d)
@@ -337,11 +413,23 @@ class FactorizedEmbedding(FactorizedMixin, nn.Module):
         )
         if fallback and not choice.factorize:
             return layer
-        out = cls(layer.num_embeddings, layer.embedding_dim, choice.rank)
-        out.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out._load_dense(w)
-        return out
+        a, b = balanced_svd_factors(w, choice.rank)  # E = A·B: (vocab, r), (r, d)
+        return cls.from_factors(b.t().to(w), a.t().to(w))  # Eᵀ = Bᵀ·Aᵀ
+
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor) -> FactorizedEmbedding:
+        """The layer with Eᵀ = u (d, r) · v (r, vocab), on u's device and dtype.
+
+        Raises:
+            ValueError: when the factor shapes do not chain.
+        """
+        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+            raise ValueError(
+                f"expected factors (d, r) and (r, vocab), got {tuple(u.shape)} and {tuple(v.shape)}"
+            )
+        layer = _without_init(cls, v.shape[1], u.shape[0], u.shape[1], like=u)
+        layer._set_factors(u, v)
+        return layer  # type: ignore[no-any-return]
 
 
 FACTORIZED_TYPES = (FactorizedLinear, FactorizedConv2d, FactorizedEmbedding)
