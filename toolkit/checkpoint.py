@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from toolkit.fsio import fsync_dir, replace_dir, write_synced
+
 FORMAT = "rlhf-checkpoint/1"
 WEIGHTS, STATE, INDEX = "model.safetensors", "state.pt", "checkpoint.json"
 CKPT_DIR = "checkpoints"
@@ -44,30 +46,6 @@ class Checkpoint:
     spec: dict[str, Any]
     meta: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    _fsync_write(tmp, data)
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
 
 
 def _sha256(data: bytes) -> str:
@@ -108,19 +86,12 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _fsync_write(tmp / WEIGHTS, w_bytes)
-    _fsync_write(tmp / STATE, s_bytes)
+    write_synced(tmp / WEIGHTS, w_bytes)
+    write_synced(tmp / STATE, s_bytes)
     index = {"format": FORMAT, "files": {WEIGHTS: _sha256(w_bytes), STATE: _sha256(s_bytes)}}
-    _fsync_write(tmp / INDEX, json.dumps(index, indent=1).encode())
-    _fsync_dir(tmp)
-    if final.exists():  # same name again (e.g. the final step): move the old one aside first
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    write_synced(tmp / INDEX, json.dumps(index, indent=1).encode())
+    fsync_dir(tmp)
+    replace_dir(tmp, final)  # the same name again (e.g. the final step) replaces the old one
     return final
 
 

@@ -21,6 +21,7 @@ from toolkit.export import quantize as quant
 from toolkit.export.manifest import build_manifest, file_entry, tensor_info
 from toolkit.export.onnx_io import DEFAULT_OPSET, check_model, compact, export_module
 from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, cpu_session, run_onnx
+from toolkit.fsio import replace_dir, write_synced
 
 TRACE_BATCH = 8
 CALIB_BATCH = 64
@@ -118,32 +119,17 @@ def _optimize(proto_bytes: bytes, tmp: Path, name: str) -> bytes:
 
 
 def _write(tmp: Path, name: str, data: bytes) -> dict[str, Any]:
-    path = tmp / name
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(tmp / name, data)
     return file_entry(name, data)
 
 
 def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temp directory into place; an existing export is swapped out, then removed."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise ValueError(
-                f"output directory {out} exists: expected a new path, or pass overwrite=True (--overwrite)"
-            )
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if out.exists() and not overwrite:
+        raise ValueError(
+            f"output directory {out} exists: expected a new path, or pass overwrite=True (--overwrite)"
+        )
+    replace_dir(tmp, out)
 
 
 def export_model(

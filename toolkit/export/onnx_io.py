@@ -15,7 +15,6 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+
+from toolkit.fsio import write_synced
 
 DEFAULT_OPSET = 18
 BATCH = "batch"
@@ -205,12 +206,7 @@ def check_model(
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """Write one self-contained file (no external-data sidecar) and fsync it."""
-    path = Path(path)
-    data = proto.SerializeToString()  # raises ValueError above the 2 GB protobuf limit
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, proto.SerializeToString())  # raises ValueError above the 2 GB protobuf limit
 
 
 def gemm_to_matmul(proto: onnx.ModelProto) -> onnx.ModelProto:

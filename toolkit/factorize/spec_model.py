@@ -79,7 +79,7 @@ def _json(obj: Any) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from toolkit.checkpoint import atomic_write_bytes
+    from toolkit.fsio import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, text.encode())

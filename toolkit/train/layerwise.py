@@ -138,7 +138,7 @@ def train_layerwise(
     _write_json(run / "run.json", {"layerwise": True, "teacher": str(teacher), "device": str(dev)})
     import yaml
 
-    from toolkit.checkpoint import atomic_write_bytes
+    from toolkit.fsio import atomic_write_bytes
 
     atomic_write_bytes(run / "spec.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False).encode())
     data = load_data(cfg.data, spec.inputs)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from toolkit.checkpoint import atomic_write_bytes
 from toolkit.data import Split
+from toolkit.fsio import atomic_write_bytes
 from toolkit.train.losses import LossFn, correct_count, has_accuracy
 
 

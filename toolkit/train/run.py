@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import yaml
 
-from toolkit.checkpoint import CKPT_DIR, atomic_write_bytes, list_checkpoints, load_checkpoint, load_model
+from toolkit.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, load_model
 from toolkit.data import Splits, load_data
+from toolkit.fsio import atomic_write_bytes
 from toolkit.train import distributed as D
 from toolkit.train.loop import FitSetup, Progress, TrainResult, count_params, fit
 from toolkit.train.metrics import evaluate, to_tensors
