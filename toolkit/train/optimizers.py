@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,9 +30,10 @@ def _finite_params(params: list[nn.Parameter]) -> bool:
 
 
 class Stepper:
-    """Base class: holds the model, the loss and the trained parameters."""
+    """Base class: holds the model, the loss, the trained parameters and the torch optimizer ``opt``."""
 
     name = "base"
+    opt: Any
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, params: list[nn.Parameter], cfg: Any) -> None:
         self.model, self.loss_fn, self.params, self.cfg = model, loss_fn, params, cfg
@@ -55,11 +57,25 @@ class Stepper:
     ) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()  # type: ignore[no-any-return]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state)
+
+    def _snapshot(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """Copies of the parameters and the optimizer state, to roll a bad step back."""
+        return [p.detach().clone() for p in params], copy.deepcopy(self.opt.state_dict())
+
+    def _rollback(
+        self, params: Sequence[torch.Tensor], snapshot: tuple[list[torch.Tensor], dict[str, Any]]
+    ) -> None:
+        """Restore the parameters and the optimizer state saved by ``_snapshot``."""
+        before, state = snapshot
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        self.opt.load_state_dict(state)
 
 
 class FirstOrder(Stepper):
@@ -95,8 +111,7 @@ class FirstOrder(Stepper):
         loss = self._objective(inputs, targets)
         if self._nonfinite(loss):
             return {"loss": math.nan, "skipped": True}
-        before = [p.detach().clone() for p in self.params]
-        state_before = copy.deepcopy(self.opt.state_dict())
+        snapshot = self._snapshot(self.params)
         if isinstance(self.opt, torch.optim.LBFGS):
 
             def closure() -> torch.Tensor:
@@ -112,18 +127,9 @@ class FirstOrder(Stepper):
             D.average_gradients(self.params)
             self.opt.step()
         if D.any_true(not _finite_params(self.params), self.device):
-            with torch.no_grad():
-                for p, b in zip(self.params, before):
-                    p.copy_(b)
-            self.opt.load_state_dict(state_before)
+            self._rollback(self.params, snapshot)
             return {"loss": math.nan, "skipped": True}
         return {"loss": self._mean(loss), "skipped": False}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state)
 
 
 def hf_hyper(cfg: Any, accepted: set[str]) -> dict[str, Any]:
@@ -178,19 +184,15 @@ class HessianFreeStepper(Stepper):
             loss = self._loss(inputs, targets)
         if self._nonfinite(loss):
             return {"loss": math.nan, "skipped": True}
-        params = [p for p in self.model.parameters()]
-        before = [p.detach().clone() for p in params]
-        state_before = copy.deepcopy(self.opt.state_dict())
+        params = list(self.model.parameters())
+        snapshot = self._snapshot(params)
         info = self.opt.step(
             inputs, targets, curvature_inputs=curvature_inputs, curvature_targets=curvature_targets
         )
         now = list(self.model.parameters())
         if D.any_true(not _finite_params(now), self.device) or not math.isfinite(float(info.loss)):
-            if [p.shape for p in now] == [b.shape for b in before]:
-                with torch.no_grad():
-                    for p, b in zip(now, before):
-                        p.copy_(b)
-                self.opt.load_state_dict(state_before)
+            if [p.shape for p in now] == [p.shape for p in params]:  # not pruned in this step
+                self._rollback(now, snapshot)
             return {"loss": math.nan, "skipped": True}
         return {
             "loss": float(info.data_loss),
@@ -204,12 +206,6 @@ class HessianFreeStepper(Stepper):
             "accepted": bool(info.accepted),
             "pruned": sum(len(v) for v in info.pruned.values()),
         }
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.opt.load_state_dict(state)
 
 
 def make_stepper(
