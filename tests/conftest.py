@@ -1,4 +1,6 @@
-"""One torch thread for these small tests: multi-threaded SVDs on a busy 2-core machine are far slower."""
+"""Every test runs on one torch thread, as training does by default (``train.threads: 1``): the
+models here are small, and multi-threaded kernels (SVDs above all) are far slower than one thread
+on a busy 2-core machine. The thread count is restored after each test."""
 
 from __future__ import annotations
 
