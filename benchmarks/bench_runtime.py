@@ -152,14 +152,15 @@ def trained_default(quick: bool) -> tuple[Any, Any, str]:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], batch: int, seconds: float
+    fns: dict[str, Callable[[], object]], batch: int, seconds: float, calls: int = 20
 ) -> dict[str, dict[str, float]]:
-    """Time every function in alternating rounds; per-call latency percentiles per function."""
+    """Time every function in alternating rounds of ``calls`` calls each; per-call latency
+    percentiles per function. Many calls per round measure steady state (the model's weights and
+    buffers in cache, as on a device that runs one model); few calls, a cache shared with other work."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         for _ in range(5):
             fn()
-    calls = 20 if batch == 1 else 3
     deadline = time.perf_counter() + seconds * len(fns)
     while time.perf_counter() < deadline or min(len(v) for v in times.values()) < 5 * calls:
         for name, fn in fns.items():
@@ -179,6 +180,30 @@ def interleaved(
             "calls": len(a),
         }
     return out
+
+
+FLOOR = "onnxruntime call floor"
+
+
+def call_floor(x: np.ndarray, cfg: Any) -> Callable[[], object]:
+    """One onnxruntime call that does no work: an Identity graph on ``x``'s shape, IO-bound to
+    buffers allocated once (what the executor does per stage). Its latency is the least one more
+    stage can cost, whatever the executor does around it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "floor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", x.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", x.shape[1]])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    sess = ort.InferenceSession(model.SerializeToString(), cfg.to_ort(), providers=["CPUExecutionProvider"])
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x)))
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_shape_and_type(x.shape, np.float32, "cpu"))
+    return partial(sess.run_with_iobinding, binding)
 
 
 def wide_spec(width: int, layers: int, stages: int) -> Any:
@@ -282,9 +307,12 @@ def main() -> int:
 
         fns: dict[str, Callable[[], object]] = {n: partial(ex.run, feed) for n, ex in runners.items()}
         fns["torch eager"] = eager
+        fns[FLOOR] = call_floor(feed["x"], cfg)
         latency[str(batch)] = interleaved(fns, batch, seconds)
         row = latency[str(batch)]
         print(f"batch {batch}: " + ", ".join(f"{k} {v['p50_ms']:.4f} ms" for k, v in row.items()), flush=True)
+        switching = {k: fns[k] for k in ("staged fp32", "fused fp32", "torch eager")}
+        latency[f"{batch}, switching"] = interleaved(switching, batch, seconds, calls=2)
     results["latency"] = latency
 
     # 3: streaming memory on a wide model ------------------------------------------------------
@@ -348,7 +376,10 @@ def report(r: dict[str, Any], quick: bool) -> str:
         "",
         "## Latency (graphs/default.yaml, digits MLP)",
         "",
-        "Calls interleaved round by round (20 calls per configuration per round at batch 1, 3 at 256).",
+        "Calls interleaved round by round, 20 calls per configuration per round: steady state, the "
+        "model's weights and buffers in cache as on a device that runs one model. Rows '1, switching' and "
+        "'256, switching' alternate staged, fused and torch eager every 2 calls, so each configuration "
+        "finds the cache holding the others' data (the targets are read from the steady-state rows).",
         "",
         "| batch | configuration | p50 ms | p90 ms | p99 ms | samples/s |",
         "|---:|---|---:|---:|---:|---:|",
@@ -360,6 +391,10 @@ def report(r: dict[str, Any], quick: bool) -> str:
             )
     lines += ["", "Targets:", ""]
     for batch, rows in r["latency"].items():
+        if "switching" in batch:
+            ratio = rows["staged fp32"]["p50_ms"] / rows["fused fp32"]["p50_ms"]
+            lines.append(f"- batch {batch}: staged / fused p50 = {ratio:.3f} (for information)")
+            continue
         ratio = rows["staged fp32"]["p50_ms"] / rows["fused fp32"]["p50_ms"]
         extra_us = 1e3 * (rows["staged fp32"]["p50_ms"] - rows["fused fp32"]["p50_ms"])
         ok = "met" if ratio <= 1.05 else "NOT met"
@@ -367,13 +402,17 @@ def report(r: dict[str, Any], quick: bool) -> str:
             f"- batch {batch}: staged / fused p50 = {ratio:.3f} ({extra_us:+.1f} µs) — target ≤ 1.05: **{ok}**"
         )
     n_extra = max(1, len(r["quantization"]["stages"]) - 1)
-    gap1 = 1e3 * (r["latency"]["1"]["staged fp32"]["p50_ms"] - r["latency"]["1"]["fused fp32"]["p50_ms"])
-    lines.append(
-        f"- the staged cost is a fixed {gap1 / n_extra:.1f} µs per extra stage at batch 1 (one more onnxruntime "
-        "call and its Python bookkeeping), large next to this 19k-parameter model's whole forward pass; if that "
-        f"cost stays fixed (not measured here), 5% needs a fused forward of at least {20 * gap1 / 1e3:.2f} ms."
-    )
     b1 = r["latency"]["1"]
+    gap1 = 1e3 * (b1["staged fp32"]["p50_ms"] - b1["fused fp32"]["p50_ms"])
+    if FLOOR in b1:
+        floor = 1e3 * b1[FLOOR]["p50_ms"]
+        bound = (b1["fused fp32"]["p50_ms"] * 1e3 + n_extra * floor) / (b1["fused fp32"]["p50_ms"] * 1e3)
+        lines.append(
+            f"- batch 1: staging costs {gap1 / n_extra:.1f} µs per extra stage; one onnxruntime call that does "
+            f"nothing ('{FLOOR}', an IO-bound Identity graph) takes {floor:.1f} µs. So on this 19k-parameter "
+            f"model no staged executor built on onnxruntime calls can get under staged / fused = {bound:.2f}; "
+            f"5% needs a fused forward of at least {20 * n_extra * floor / 1e3:.2f} ms (the floor × 20)."
+        )
     speed = b1["torch eager"]["p50_ms"] / b1["staged fp32"]["p50_ms"]
     speed_f = b1["torch eager"]["p50_ms"] / b1["fused fp32"]["p50_ms"]
     lines.append(
@@ -397,9 +436,9 @@ def report(r: dict[str, Any], quick: bool) -> str:
         f"- accuracy change int8 vs fp32 (staged): {-drop:+.2f} points — target within 0.5: "
         f"**{'met' if abs(drop) <= 0.5 else 'NOT met'}**",
         f"- stage files: fp32 {sz['fp32']} bytes, int8 {sz['int8']} bytes, ratio {sz['ratio']:.3f} — target ≤ 0.30: "
-        f"**{'met' if sz['ratio'] <= 0.30 else 'NOT met'}** (int8 weights are 25% of fp32 ones; dynamic "
-        "quantization keeps biases in fp32, and each file keeps its graph structure: on a 19k-parameter "
-        "model those fixed bytes are several percent of the file)",
+        f"**{'met' if sz['ratio'] <= 0.30 else 'NOT met'}** (int8 weights are 25% of fp32 ones; biases are "
+        "stored as float16 and cast to float32 at load; each file keeps its graph structure, a few percent "
+        "of the file on a 19k-parameter model)",
         "",
         "Every candidate (validation split; accuracy = against labels):",
         "",

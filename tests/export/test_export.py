@@ -193,3 +193,66 @@ def test_int8_variant(tmp_path: Path) -> None:
     err = float(np.max(np.abs(int8 - fp32)))
     assert err == pytest.approx(q["end_to_end"]["max_abs_vs_fp32"], rel=1e-5)
     assert err < 0.1 * float(np.max(np.abs(fp32)))
+
+
+def test_biases_to_fp16_keeps_float32_compute(tmp_path: Path) -> None:
+    """Biases stored as float16 and cast back: the graph computes x·W + fp16(b) in float32, checked
+    against a float64 numpy reference; a 1-D initializer used by another op is left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.export.onnx_io import biases_to_fp16
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    s = rng.standard_normal(64).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "bias"], ["y0"]),
+            helper.make_node("Mul", ["y0", "scale"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(b, "bias"),
+            numpy_helper.from_array(s, "scale"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    half = biases_to_fp16(model)
+    onnx.checker.check_model(half, full_check=True)
+    dtypes = {i.name: i.data_type for i in half.graph.initializer}
+    assert dtypes == {"w": TensorProto.FLOAT, "bias": TensorProto.FLOAT16, "scale": TensorProto.FLOAT}
+    assert len(half.SerializeToString()) < len(model.SerializeToString())
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    sess = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": x})
+    b16 = b.astype(np.float16).astype(np.float64)
+    ref = (x.astype(np.float64) @ w.astype(np.float64) + b16) * s.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert float(np.max(np.abs(b16 - b))) <= 2.0**-11 * float(np.max(np.abs(b)))
+
+
+@pytest.mark.slow
+def test_int8_files_keep_parameter_names(tmp_path: Path) -> None:
+    """Each int8 weight is stored under its fp32 parameter's name (no ``_quantized`` suffix)."""
+    model = ToyModel(d_in=64, hidden=128, rank=32).eval()
+    export_model(
+        model,
+        tmp_path / "q",
+        sample=toy_sample(model, 64),
+        quantize="int8",
+        quant_candidates=(QuantSetting("dynamic", "qint8"),),
+    )
+    for fp32 in sorted(p for p in (tmp_path / "q").glob("stage_*.onnx") if ".int8" not in p.name):
+        weights = {i.name for i in onnx.load(str(fp32)).graph.initializer if len(i.dims) == 2}
+        int8 = onnx.load(str(fp32.with_name(fp32.stem + ".int8.onnx"))).graph.initializer
+        quantized = {
+            i.name
+            for i in int8
+            if len(i.dims) == 2 and i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        }
+        assert weights and quantized == weights
