@@ -185,6 +185,7 @@ def test_int8_variant(tmp_path: Path) -> None:
     )
     q = manifest["quantization"]
     assert {c["label"] for c in q["candidates"]} == {s.label for s in settings}
+    assert [c.get("error") for c in q["candidates"]] == [None, None]  # both build and run
     assert len(q["stages"]) == 3 and all("max_abs_vs_fp32" in s for s in q["stages"])
     for entry in manifest["stages"]:
         assert entry["files"]["int8"]["bytes"] < entry["files"]["fp32"]["bytes"]

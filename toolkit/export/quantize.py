@@ -172,13 +172,14 @@ def quantize_model(
 def _parameter_names(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Give each int8 weight its parameter's name back (``fc1.V.weight``, not the quantizer's
     ``fc1.V.weight_quantized``); its ``_scale`` and ``_zero_point`` keep theirs."""
-    taken = {i.name for i in proto.graph.initializer} | {i.name for i in proto.graph.input}
+    g = proto.graph
+    taken = {i.name for i in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
     renamed: dict[str, str] = {}
-    for init in proto.graph.initializer:
+    for init in g.initializer:
         base = init.name.removesuffix("_quantized")
         if base != init.name and base not in taken:
             renamed[init.name] = init.name = base
-    for node in proto.graph.node:
+    for node in g.node:
         node.input[:] = [renamed.get(name, name) for name in node.input]
     return proto
 
