@@ -89,3 +89,45 @@ def test_digits_mlp_4x_recovers_within_one_point() -> None:
     assert len(losses) == 10 and losses[-1] < losses[0]
     best = max(before, acc(tuned, xv, yv))
     assert best >= acc(dense, xv, yv) - 0.01
+
+
+def test_cli_sensitivity_budget_on_a_spec_checkpoint(tmp_path: Path) -> None:
+    """--budget 0.3 --sensitivity: the written model keeps at most 30% of the hidden-layer weights,
+    counting layers left dense at full size."""
+    model, _spec, _data = _trained_dense(epochs=3)
+    save_checkpoint(
+        tmp_path / "dense" / CKPT_DIR, "best-00000003", model, model.to_spec().resolved(), {"dense": True}
+    )
+    res = CliRunner().invoke(
+        main,
+        [
+            "factorize",
+            str(tmp_path / "dense"),
+            "-o",
+            str(tmp_path / "sens"),
+            "--budget",
+            "0.3",
+            "--sensitivity",
+            "--include",
+            node_pattern(["fc1", "fc2"]) or "",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    fact = load_model(tmp_path / "sens")[0]
+    nodes = model.node_modules()
+    dense_weights = sum(nodes[n].weight.numel() for n in ("fc1", "fc2"))
+    weights = sum(
+        (m.rank * sum(m.dense_weight().shape)) if isinstance(m, FactorizedLinear) else m.weight.numel()
+        for n, m in fact.node_modules().items()
+        if n in ("fc1", "fc2")
+    )
+    assert weights <= 0.3 * dense_weights
+    assert fact.ranks()  # at least one layer factorized
+
+
+def test_cli_sensitivity_needs_a_budget(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main, ["factorize", str(tmp_path), "-o", str(tmp_path / "o"), "--ratio", "0.5", "--sensitivity"]
+    )
+    assert res.exit_code == 2 and "--sensitivity" in res.output and "Traceback" not in res.output

@@ -44,6 +44,13 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
 @click.option(
     "--budget", type=float, default=None, help="Global budget: share (<= 1) or count of factor parameters."
 )
+@click.option(
+    "--sensitivity",
+    is_flag=True,
+    help="Spend --budget by measured end-to-end sensitivity (each layer factorized alone at 4 sizes, the "
+    "model evaluated; layers may stay dense) instead of by singular values. Metric: Hugging Face, 1 - cosine "
+    "of sentence embeddings to the dense model; spec, relative output error.",
+)
 @click.option("--method", type=click.Choice(["svd", "asvd"]), default="svd", show_default=True)
 @click.option("--include", default=None, help="Regex on module names selecting the layers to factorize.")
 @click.option(
@@ -74,6 +81,7 @@ def factorize(
     ratio: float | None,
     energy: float | None,
     budget: float | None,
+    sensitivity: bool,
     method: str,
     include: str | None,
     calibration: Path | None,
@@ -98,22 +106,48 @@ def factorize(
     from toolkit.factorize.core import _check_rule
 
     _check_rule(**rule)  # fail on bad values before loading anything
+    if sensitivity and budget is None:
+        raise ValueError("--sensitivity: expected --budget (the parameter budget to allocate), got none")
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
     if (source / "config.json").is_file():
         report_obj = _hf(
-            source, out, rule, method, include, calibration, samples, refit, distill_steps, onnx_, console
+            source,
+            out,
+            rule,
+            sensitivity,
+            method,
+            include,
+            calibration,
+            samples,
+            refit,
+            distill_steps,
+            onnx_,
+            console,
         )
     else:
         from toolkit.factorize.spec_model import data_batches, factorize_checkpoint
 
         calib = None
-        if method == "asvd" or refit:
+        if method == "asvd" or refit or sensitivity:
             from toolkit.checkpoint import load_model
             from toolkit.data import load_data
 
-            _model, spec, _meta = load_model(source)
+            dense_model, spec, _meta = load_model(source)
             data = load_data(spec.train.data, spec.inputs)
             calib = data_batches(data.train.inputs, list(spec.inputs), limit=samples * 8)
+            if sensitivity:
+                from toolkit.factorize.sensitivity import output_distortion, sensitivity_ranks
+
+                assert budget is not None
+                sens = sensitivity_ranks(
+                    dense_model,
+                    output_distortion(dense_model, calib),
+                    budget,
+                    include=include,
+                    calibration=calib if method == "asvd" else None,
+                )
+                rule = {"rank": sens.ranks, "ratio": None, "energy": None, "budget": None}
+                console.print(_sensitivity_line(sens))
         _m, report_obj, ckpt = factorize_checkpoint(
             source, out, calibration=calib, include=include, method=method, refit=refit, **rule
         )
@@ -124,10 +158,19 @@ def factorize(
         console.print(report_obj.table())
 
 
+def _sensitivity_line(sens: Any) -> str:
+    dense = sum(1 for r in sens.ranks.values() if r == 0)
+    return (
+        f"sensitivity: {len(sens.layers)} layers measured, {dense} kept dense, "
+        f"{sens.factor_params:,} weight parameters allocated"
+    )
+
+
 def _hf(
     source: Path,
     out: Path,
     rule: dict[str, Any],
+    sensitivity: bool,
     method: str,
     include: str | None,
     calibration: Path | None,
@@ -146,9 +189,25 @@ def _hf(
     sentences = _sentences(calibration, samples)
     cal = batches(tok, sentences, 32) if (method == "asvd" or refit) else None
     teacher = copy.deepcopy(model) if distill_steps else None
+    include = include if include is not None else r"encoder\.layer\."
+    if sensitivity:
+        from toolkit.factorize.hf import embed, mean_cosine
+        from toolkit.factorize.sensitivity import sensitivity_ranks
+
+        probe = sentences[:96]
+        reference = embed(model, tok, probe)
+        sens = sensitivity_ranks(
+            model,
+            lambda m: 1.0 - mean_cosine(embed(m, tok, probe), reference),
+            rule["budget"],
+            include=include,
+            calibration=cal if method == "asvd" else None,
+        )
+        rule = {"rank": sens.ranks, "ratio": None, "energy": None, "budget": None}
+        console.print(_sensitivity_line(sens))
     report = factorize_module(
         model,
-        include=include if include is not None else r"encoder\.layer\.",
+        include=include,
         method=method,
         calibration=cal,
         refit=refit,

@@ -173,7 +173,9 @@ def _parameter_names(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Give each int8 weight its parameter's name back (``fc1.V.weight``, not the quantizer's
     ``fc1.V.weight_quantized``); its ``_scale`` and ``_zero_point`` keep theirs."""
     g = proto.graph
-    taken = {i.name for i in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    taken = (
+        {i.name for i in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    )
     renamed: dict[str, str] = {}
     for init in g.initializer:
         base = init.name.removesuffix("_quantized")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -69,7 +69,11 @@ def _check_rule(rank: Any, ratio: Any, energy: Any, budget: Any) -> dict[str, An
         raise ValueError(
             f"expected exactly one of rank, ratio, energy, budget; got {sorted(given) or 'none'}"
         )
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if isinstance(rank, Mapping):
+        bad = {k: v for k, v in rank.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"rank: expected layer name -> integer >= 0 (0 keeps it dense), got {bad!r}")
+    elif rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected an integer >= 1, got {rank!r}")
     if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
         raise ValueError(f"ratio: expected a number in (0, 1], got {ratio!r}")
@@ -85,7 +89,7 @@ def _check_rule(rank: Any, ratio: Any, energy: Any, budget: Any) -> dict[str, An
 def factorize_module(
     model: nn.Module,
     *,
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     ratio: float | None = None,
     energy: float | None = None,
     budget: float | int | None = None,
@@ -106,7 +110,9 @@ def factorize_module(
     Args:
         model: any nn.Module; its nn.Linear, nn.Conv2d and nn.Embedding layers are candidates.
         rank, ratio, energy: one rank rule per layer (see toolkit.layers.choose_rank; ``rank`` is
-            capped at min(out, n); ``energy`` uses the σ of M·S under ASVD).
+            capped at min(out, n); ``energy`` uses the σ of M·S under ASVD). ``rank`` may also map
+            layer names to ranks (missing or 0: the layer stays dense), e.g. the ranks chosen by
+            toolkit.factorize.sensitivity.allocate_by_sensitivity.
         budget: instead, a global budget of factor weight parameters: a share of the selected layers'
             dense weights when <= 1, else a parameter count; allocated greedily (toolkit.factorize.budget).
         include: regular expression searched in qualified module names; None selects every layer.
@@ -142,6 +148,8 @@ def factorize_module(
     model.eval()
     try:
         ranks = _budget_ranks(model, layers, budget, method, batches, alpha) if budget is not None else None
+        if isinstance(rank, Mapping):
+            ranks, rank = {name: int(rank.get(name, 0)) for name in layers}, None
         for name, layer in layers.items():
             report.layers.append(
                 _factorize_one(
@@ -208,7 +216,7 @@ def _factorize_one(
         column_scale(layer, channel_mean_abs(layer, inputs), alpha) if method == "asvd" and inputs else None
     )
     if budget_rank is not None:
-        r, keep, note = budget_rank, True, ""
+        r, keep, note = budget_rank, budget_rank > 0, "" if budget_rank > 0 else "kept dense (rank 0)"
     else:
         sv = scaled_singular_values(m, scale) if energy is not None else None
         choice = choose_rank(
