@@ -155,7 +155,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     # the same budget spent by measured sensitivity: 1 − cosine on 96 training sentences
     from toolkit.factorize.sensitivity import sensitivity_ranks
 
-    probe = train[:96]
+    probe = train[: 32 if quick else 96]
     e_probe = embed(dense, tok, probe)
     t0 = time.perf_counter()
     sens = sensitivity_ranks(
@@ -167,6 +167,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     )
     out["sensitivity_seconds"] = time.perf_counter() - t0
     out["sensitivity_ranks"] = sens.ranks
+    out["probe_sentences"] = len(probe)
     student = copy.deepcopy(dense)
     rep = factorize_module(
         student,
@@ -181,7 +182,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     out["linear_factor_params"] = rep.factor_params
     out["model_params_factorized"] = count_parameters(student)
     out["cosine_after_factorize"] = mean_cosine(embed(student, tok, held), e_dense)
-    steps = distill_steps if distill_steps is not None else (40 if quick else 400)
+    steps = distill_steps if distill_steps is not None else (40 if quick else 1200)
     log = distill(student, dense, batches(tok, train[128:], 32), steps=steps, lr=lr)
     out["distill_steps"], out["distill_seconds"] = steps, log.seconds
     out["cosine_after_distill"] = mean_cosine(embed(student, tok, held), e_dense)
@@ -257,7 +258,7 @@ def render(res: dict[str, Any], quick: bool) -> str:
             f"Corpus: {m['corpus']}, {m['train_sentences']} training sentences, {m['held_out']} held out. "
             "Ranks: the budget of half the dense linear weights spent by measured sensitivity "
             "(toolkit.factorize.sensitivity: each layer factorized alone at 25/37.5/50/75% of its weights, "
-            f"1 − cosine on 96 training sentences, {m['sensitivity_seconds']:.0f} s; "
+            f"1 − cosine on {m['probe_sentences']} training sentences, {m['sensitivity_seconds']:.0f} s; "
             f"{sum(1 for r in m['sensitivity_ranks'].values() if r == 0)} of {len(m['sensitivity_ranks'])} "
             "layers stay dense). "
             f"ASVD (α = 0.5) + closed-form layer-wise refit, then {m['distill_steps']} distillation steps "
@@ -303,7 +304,7 @@ def main() -> None:
         "--distill-steps",
         type=int,
         default=None,
-        help="MiniLM distillation steps (default 40 quick, 400 full)",
+        help="MiniLM distillation steps (default 40 quick, 1200 full)",
     )
     ap.add_argument("--lr", type=float, default=5e-4, help="MiniLM distillation peak learning rate")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

@@ -1,4 +1,4 @@
-"""English text that ships with every CPython: the Python Language Reference and stdlib docstrings.
+"""An English text corpus that ships with every CPython: the Python Language Reference.
 
 ``pydoc_data.topics.topics`` holds the text of the reference manual's topics (≈ 465 k characters of
 real prose: "The "if" statement is used for conditional execution ..."). It needs no download, so the
@@ -43,56 +43,6 @@ def python_reference_sentences(min_chars: int = 40, max_chars: int = 300, seed: 
                 out.append(sent)
     random.Random(seed).shuffle(out)
     return out
-
-
-def stdlib_docstring_sentences(
-    min_chars: int = 40, max_chars: int = 300, seed: int = 0, limit: int | None = None
-) -> list[str]:
-    """Prose sentences from the docstrings of CPython's standard library, shuffled with ``seed``.
-
-    A second offline corpus (tens of thousands of sentences, a different register from the
-    reference manual: API descriptions). The ``.py`` files are parsed with ``ast``, never imported,
-    so no code runs. Test packages and ``idlelib`` are skipped.
-
-    Args:
-        min_chars, max_chars: keep sentences of this length.
-        seed: shuffle seed.
-        limit: keep at most this many (after shuffling).
-    """
-    import ast
-    import sysconfig
-    from pathlib import Path
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out: list[str] = []
-    seen: set[str] = set()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] in ("test", "idlelib", "site-packages", "lib2to3") or "tests" in rel:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            for para in doc.split("\n\n"):
-                lines = [ln.strip() for ln in para.splitlines()]
-                if any(ln.startswith((">>>", "...", "::")) for ln in lines):
-                    continue
-                text = _WS.sub(" ", " ".join(lines)).strip()
-                for sent in _SPLIT.split(text):
-                    letters = sum(c.isalpha() or c == " " for c in sent)
-                    if not min_chars <= len(sent) <= max_chars or letters < 0.85 * len(sent) or sent in seen:
-                        continue
-                    seen.add(sent)
-                    out.append(sent)
-    random.Random(seed).shuffle(out)
-    return out if limit is None else out[:limit]
 
 
 def split_sentences(sentences: list[str], held_out: int) -> tuple[list[str], list[str]]:
