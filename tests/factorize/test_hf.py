@@ -77,3 +77,29 @@ def test_read_text_csv_errors(tmp_path: Path) -> None:
         read_text_csv(bad)
     with pytest.raises(FileNotFoundError):
         read_text_csv(tmp_path / "missing.csv")
+
+
+def test_cli_sensitivity_and_distillation_on_minilm(minilm: tuple, tmp_path: Path) -> None:
+    """`rlhf factorize MINILM --budget 0.5 --sensitivity --refit --distill-steps 2` on the last encoder
+    layer: the saved model reloads, runs, and keeps at most half of that layer's linear weights."""
+    import json
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    dense, tok = minilm
+    out = tmp_path / "half"
+    args = ["factorize", str(minilm_dir()), "-o", str(out), "--budget", "0.5", "--sensitivity"]
+    args += ["--method", "asvd", "--refit", "--include", r"encoder\.layer\.5\.", "--samples", "16"]
+    args += ["--calibration", str(DATA / "sentiment.csv"), "--distill-steps", "2", "--no-onnx", "--json"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    layers = json.loads((out / "factorize.json").read_text())["layers"]
+    assert len(layers) == 6 and all(lr["name"].startswith("encoder.layer.5.") for lr in layers)
+    assert sum(lr["factor_params"] for lr in layers) <= 0.5 * sum(lr["dense_params"] for lr in layers)
+    model, tok2 = load_factorized_hf(out)
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+    assert ranks and all(name.startswith("encoder.layer.5.") for name in ranks)
+    cos = mean_cosine(embed(model, tok2, SENTENCES), embed(dense, tok, SENTENCES))
+    assert 0.0 < cos <= 1.0 + 1e-6
