@@ -127,18 +127,24 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
         "train_sentences": len(train),
         "held_out": len(held),
     }
-    student = copy.deepcopy(dense)
+
+    def factorized(**rule: Any) -> tuple[torch.nn.Module, Any]:
+        """A copy of the dense model, factorized by ``rule`` with ASVD + one closed-form refit."""
+        student = copy.deepcopy(dense)
+        rep = factorize_module(
+            student,
+            include=include,
+            method="asvd",
+            calibration=cal,
+            refit=True,
+            refit_options=RefitOptions(alternations=1, steps=0),
+            max_rows=4096,
+            **rule,
+        )
+        return student, rep
+
     t0 = time.perf_counter()
-    rep = factorize_module(
-        student,
-        ratio=0.5,
-        include=include,
-        method="asvd",
-        calibration=cal,
-        refit=True,
-        refit_options=RefitOptions(alternations=1, steps=0),
-        max_rows=4096,
-    )
+    student, rep = factorized(ratio=0.5)
     out["factorize_seconds"] = time.perf_counter() - t0
     out["linear_dense_params"], out["linear_factor_params"] = rep.dense_params, rep.factor_params
     out["model_params_dense"], out["model_params_factorized"] = (
@@ -153,32 +159,18 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     out["layers"] = len(errs)
     out["cosine_uniform"] = mean_cosine(embed(student, tok, held), e_dense)
     # the same budget spent by measured sensitivity: 1 − cosine on 96 training sentences
+    from toolkit.factorize.hf import embedding_distortion
     from toolkit.factorize.sensitivity import sensitivity_ranks
 
     probe = train[: 32 if quick else 96]
-    e_probe = embed(dense, tok, probe)
     t0 = time.perf_counter()
     sens = sensitivity_ranks(
-        dense,
-        lambda m: 1.0 - mean_cosine(embed(m, tok, probe), e_probe),
-        0.5,
-        include=include,
-        calibration=cal,
+        dense, embedding_distortion(dense, tok, probe), 0.5, include=include, calibration=cal
     )
     out["sensitivity_seconds"] = time.perf_counter() - t0
     out["sensitivity_ranks"] = sens.ranks
     out["probe_sentences"] = len(probe)
-    student = copy.deepcopy(dense)
-    rep = factorize_module(
-        student,
-        rank=sens.ranks,
-        include=include,
-        method="asvd",
-        calibration=cal,
-        refit=True,
-        refit_options=RefitOptions(alternations=1, steps=0),
-        max_rows=4096,
-    )
+    student, rep = factorized(rank=sens.ranks)
     out["linear_factor_params"] = rep.factor_params
     out["model_params_factorized"] = count_parameters(student)
     out["cosine_after_factorize"] = mean_cosine(embed(student, tok, held), e_dense)

@@ -136,18 +136,12 @@ def factorize(
             data = load_data(spec.train.data, spec.inputs)
             calib = data_batches(data.train.inputs, list(spec.inputs), limit=samples * 8)
             if sensitivity:
-                from toolkit.factorize.sensitivity import output_distortion, sensitivity_ranks
+                from toolkit.factorize.sensitivity import output_distortion
 
-                assert budget is not None
-                sens = sensitivity_ranks(
-                    dense_model,
-                    output_distortion(dense_model, calib),
-                    budget,
-                    include=include,
-                    calibration=calib if method == "asvd" else None,
+                metric = output_distortion(dense_model, calib)
+                rule = _sensitivity_rule(
+                    dense_model, metric, rule, include, calib if method == "asvd" else None, console
                 )
-                rule = {"rank": sens.ranks, "ratio": None, "energy": None, "budget": None}
-                console.print(_sensitivity_line(sens))
         _m, report_obj, ckpt = factorize_checkpoint(
             source, out, calibration=calib, include=include, method=method, refit=refit, **rule
         )
@@ -158,12 +152,19 @@ def factorize(
         console.print(report_obj.table())
 
 
-def _sensitivity_line(sens: Any) -> str:
+def _sensitivity_rule(
+    model: Any, metric: Any, rule: dict[str, Any], include: str | None, calibration: Any, console: Any
+) -> dict[str, Any]:
+    """Spend ``rule["budget"]`` by measured sensitivity; the rule with the chosen per-layer ranks."""
+    from toolkit.factorize.sensitivity import sensitivity_ranks
+
+    sens = sensitivity_ranks(model, metric, rule["budget"], include=include, calibration=calibration)
     dense = sum(1 for r in sens.ranks.values() if r == 0)
-    return (
+    console.print(
         f"sensitivity: {len(sens.layers)} layers measured, {dense} kept dense, "
         f"{sens.factor_params:,} weight parameters allocated"
     )
+    return {"rank": sens.ranks, "ratio": None, "energy": None, "budget": None}
 
 
 def _hf(
@@ -191,20 +192,10 @@ def _hf(
     teacher = copy.deepcopy(model) if distill_steps else None
     include = include if include is not None else r"encoder\.layer\."
     if sensitivity:
-        from toolkit.factorize.hf import embed, mean_cosine
-        from toolkit.factorize.sensitivity import sensitivity_ranks
+        from toolkit.factorize.hf import embedding_distortion
 
-        probe = sentences[:96]
-        reference = embed(model, tok, probe)
-        sens = sensitivity_ranks(
-            model,
-            lambda m: 1.0 - mean_cosine(embed(m, tok, probe), reference),
-            rule["budget"],
-            include=include,
-            calibration=cal if method == "asvd" else None,
-        )
-        rule = {"rank": sens.ranks, "ratio": None, "energy": None, "budget": None}
-        console.print(_sensitivity_line(sens))
+        metric = embedding_distortion(model, tok, sentences[:96])
+        rule = _sensitivity_rule(model, metric, rule, include, cal if method == "asvd" else None, console)
     report = factorize_module(
         model,
         include=include,

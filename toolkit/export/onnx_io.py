@@ -104,6 +104,12 @@ def _needs_holder(module: nn.Module) -> bool:
     return any(name in reserved for name, _ in module.named_children())
 
 
+def rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Point every node input named in ``names`` at its new name."""
+    for node in graph.node:
+        node.input[:] = [names.get(name, name) for name in node.input]
+
+
 def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
     """Rename initializers ``prefix.a.b`` back to ``a.b`` everywhere they are referenced."""
     renames = {i.name: i.name[len(prefix) :] for i in proto.graph.initializer if i.name.startswith(prefix)}
@@ -111,8 +117,7 @@ def _strip_prefix(proto: onnx.ModelProto, prefix: str) -> None:
         return
     for init in proto.graph.initializer:
         init.name = renames.get(init.name, init.name)
-    for node in proto.graph.node:
-        node.input[:] = [renames.get(i, i) for i in node.input]
+    rename_inputs(proto.graph, renames)
     for vi in proto.graph.value_info:
         vi.name = renames.get(vi.name, vi.name)
 
@@ -281,8 +286,7 @@ def compact(proto: onnx.ModelProto) -> onnx.ModelProto:
             if name and name not in keep:
                 short.setdefault(name, f"t{len(short)}")
                 node.output[j] = short[name]
-    for node in g.node:
-        node.input[:] = [short.get(name, name) for name in node.input]
+    rename_inputs(g, short)
     return out
 
 
@@ -326,8 +330,7 @@ def biases_to_fp16(proto: onnx.ModelProto, min_elements: int = 32) -> onnx.Model
         )
     if not casts:
         return out
-    for node in g.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
+    rename_inputs(g, renamed)
     nodes = list(g.node)
     del g.node[:]
     g.node.extend(casts + nodes)  # casts read only initializers: placing them first keeps topological order

@@ -43,7 +43,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from toolkit.export.onnx_io import biases_to_fp16, compact, gemm_to_matmul
+from toolkit.export.onnx_io import biases_to_fp16, compact, gemm_to_matmul, rename_inputs
 
 Feeds = dict[str, np.ndarray]
 
@@ -181,8 +181,7 @@ def _parameter_names(proto: onnx.ModelProto) -> onnx.ModelProto:
         base = init.name.removesuffix("_quantized")
         if base != init.name and base not in taken:
             renamed[init.name] = init.name = base
-    for node in g.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
+    rename_inputs(g, renamed)
     return proto
 
 

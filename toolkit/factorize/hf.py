@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,19 @@ def embed(
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows."""
     return float(F.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+def embedding_distortion(
+    reference: nn.Module, tok: Any, sentences: Sequence[str]
+) -> Callable[[nn.Module], float]:
+    """A metric for toolkit.factorize.sensitivity: model ↦ 1 − mean cosine of its sentence embeddings
+    to ``reference``'s on ``sentences`` (the reference embeddings are computed once, now)."""
+    target = embed(reference, tok, sentences)
+
+    def evaluate(model: nn.Module) -> float:
+        return 1.0 - mean_cosine(embed(model, tok, sentences), target)
+
+    return evaluate
 
 
 @dataclass
