@@ -206,6 +206,28 @@ def call_floor(x: np.ndarray, cfg: Any) -> Callable[[], object]:
     return partial(sess.run_with_iobinding, binding)
 
 
+def optimized_kernels(path: Path, cfg: Any) -> list[str]:
+    """The operators onnxruntime runs for an ONNX file: its graph after the session's optimizations
+    (dumped with ``optimized_model_filepath``), as ``domain:op`` names in execution order."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = cfg.to_ort()
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    return [f"{n.domain + ':' if n.domain else ''}{n.op_type}" for n in graph.node]
+
+
+def compare_kernels(export_dir: Path, manifest: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """Do the stage files, optimized, run the same operators as the fused file? If so, any latency
+    gap between staged and fused is the cost of the extra calls, not a fusion lost at a cut."""
+    stages = [optimized_kernels(export_dir / s["files"]["fp32"]["file"], cfg) for s in manifest["stages"]]
+    fused = optimized_kernels(export_dir / manifest["fused"]["files"]["fp32"]["file"], cfg)
+    return {"fused": fused, "stages": stages, "identical": fused == [k for st in stages for k in st]}
+
+
 def wide_spec(width: int, layers: int, stages: int) -> Any:
     from toolkit.spec import parse_spec
 
@@ -314,6 +336,30 @@ def main() -> int:
         switching = {k: fns[k] for k in ("staged fp32", "fused fp32", "torch eager")}
         latency[f"{batch}, switching"] = interleaved(switching, batch, seconds, calls=2)
     results["latency"] = latency
+    results["kernels"] = compare_kernels(work / "default", manifest, cfg)
+
+    # the same comparison on a mid-size model (1.6M parameters), where a forward is long next to a call
+    mid = build_model(wide_spec(512, 2, 3), seed=0).eval()
+    xm = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
+    export_model(mid, work / "mid", sample={"x": xm[:16]})
+    results["mid_model"] = {"parameters": int(sum(p.numel() for p in mid.parameters())), "stages": 3}
+    del mid
+    mid_runners = {
+        "staged fp32": Executor(work / "mid", providers="cpu", session_options=cfg),
+        "fused fp32": Executor(work / "mid", providers="cpu", session_options=cfg, fused=True),
+    }
+    results["mid_latency"] = {}
+    for batch in (1, 256):
+        feed = {"x": np.ascontiguousarray(xm[:batch])}
+        fns = {n: partial(ex.run, feed) for n, ex in mid_runners.items()}
+        fns[FLOOR] = call_floor(feed["x"], cfg)
+        results["mid_latency"][str(batch)] = interleaved(fns, batch, seconds)
+        row = results["mid_latency"][str(batch)]
+        print(
+            f"mid batch {batch}: " + ", ".join(f"{k} {v['p50_ms']:.4f} ms" for k, v in row.items()),
+            flush=True,
+        )
+    del mid_runners
 
     # 3: streaming memory on a wide model ------------------------------------------------------
     width, layers, n_stages = (256, 4, 3) if args.quick else (1280, 8, 3)
@@ -413,6 +459,32 @@ def report(r: dict[str, Any], quick: bool) -> str:
             f"model no staged executor built on onnxruntime calls can get under staged / fused = {bound:.2f}; "
             f"5% needs a fused forward of at least {20 * n_extra * floor / 1e3:.2f} ms (the floor × 20)."
         )
+    kern = r.get("kernels")
+    if kern:
+        same = "the same" if kern["identical"] else "NOT the same"
+        lines.append(
+            f"- After onnxruntime's graph optimization the stage files run {same} operators as the fused "
+            f"file (fused: {', '.join(kern['fused'])}; stages: "
+            + " | ".join(", ".join(st) for st in kern["stages"])
+            + "), so the gap is the cost of the extra calls"
+            + (
+                ", not a fusion lost at a cut."
+                if kern["identical"]
+                else "; the cut also changes the kernels."
+            )
+        )
+    if "mid_latency" in r:
+        mm = r["mid_model"]
+        for batch, rows in r["mid_latency"].items():
+            ratio = rows["staged fp32"]["p50_ms"] / rows["fused fp32"]["p50_ms"]
+            extra_us = 1e3 * (rows["staged fp32"]["p50_ms"] - rows["fused fp32"]["p50_ms"])
+            lines.append(
+                f"- mid-size model ({mm['parameters']:,} parameters, 512-wide tanh MLP, {mm['stages']} stages), "
+                f"batch {batch}: staged {rows['staged fp32']['p50_ms']:.4f} ms / fused "
+                f"{rows['fused fp32']['p50_ms']:.4f} ms = {ratio:.3f} ({extra_us:+.1f} µs; call floor "
+                f"{1e3 * rows[FLOOR]['p50_ms']:.1f} µs)"
+                f" — {'within' if ratio <= 1.05 else 'NOT within'} 5%"
+            )
     speed = b1["torch eager"]["p50_ms"] / b1["staged fp32"]["p50_ms"]
     speed_f = b1["torch eager"]["p50_ms"] / b1["fused fp32"]["p50_ms"]
     lines.append(
