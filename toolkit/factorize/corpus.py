@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 _WS = re.compile(r"\s+")
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
@@ -54,3 +55,26 @@ def split_sentences(sentences: list[str], held_out: int) -> tuple[list[str], lis
     if not 0 < held_out < len(sentences):
         raise ValueError(f"held_out: expected in [1, {len(sentences) - 1}], got {held_out}")
     return sentences[:-held_out], sentences[-held_out:]
+
+
+def augment_sentence(sentence: str, pool: Sequence[str], rng: random.Random) -> str:
+    """A new input sentence for distillation, made from ``sentence`` (word level).
+
+    The teacher labels any input, so new text costs nothing but the teacher's forward. With
+    probability 0.3 a random contiguous crop of at least half the words; with 0.3 a splice (a prefix of
+    ``sentence`` followed by a suffix of a random ``pool`` sentence); otherwise unchanged. Then, with
+    probability 0.3, each word is dropped with probability 0.1. A small offline corpus seen for many
+    epochs thus keeps showing the student new inputs from the same domain.
+    """
+    words = sentence.split()
+    r = rng.random()
+    if r < 0.3 and len(words) > 6:
+        keep = rng.randint(max(3, len(words) // 2), len(words))
+        start = rng.randint(0, len(words) - keep)
+        words = words[start : start + keep]
+    elif r < 0.6 and pool and words:
+        other = rng.choice(pool).split() or [""]
+        words = words[: rng.randint(1, len(words))] + other[rng.randint(0, len(other) - 1) :]
+    if rng.random() < 0.3:
+        words = [w for w in words if rng.random() > 0.1] or words
+    return " ".join(words)

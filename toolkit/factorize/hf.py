@@ -67,6 +67,37 @@ def batches(
     ]
 
 
+def augmented_batches(
+    tok: Any, sentences: Sequence[str], batch_size: int = 32, seed: int = 0, max_length: int = 64
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """step ↦ a tokenized batch of ``batch_size`` sentences drawn at random and augmented.
+
+    Each sentence goes through ``corpus.augment_sentence`` (crops, splices with other sentences,
+    word dropout), so a distillation run over a small corpus sees new inputs at every step instead
+    of the same batches again. Deterministic for a given ``seed`` when steps are asked in order.
+
+    Raises:
+        ValueError: no sentences or batch_size < 1.
+    """
+    import random
+
+    from toolkit.factorize.corpus import augment_sentence
+
+    if not sentences or batch_size < 1:
+        raise ValueError(
+            f"augmented_batches: expected sentences and batch_size >= 1, got {len(sentences)}, {batch_size}"
+        )
+    pool = list(sentences)
+    rng = random.Random(seed)
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        del step  # a fresh random batch at every step
+        picked = [augment_sentence(rng.choice(pool), pool, rng) for _ in range(batch_size)]
+        return tokenize(tok, picked, max_length)
+
+    return batch_at
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mask-weighted mean of token states (sentence-transformers pooling): (B, T, d), (B, T) -> (B, d)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -121,20 +152,20 @@ class DistillLog:
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    train_batches: Sequence[dict[str, torch.Tensor]],
+    train_batches: Sequence[dict[str, torch.Tensor]] | Callable[[int], dict[str, torch.Tensor]],
     steps: int = 200,
     lr: float = 1e-4,
     params: Sequence[nn.Parameter] | None = None,
 ) -> DistillLog:
     """Distil the teacher's token states into the student: loss = MSE(h_s, h_t) + (1 − cos(pool_s, pool_t)).
 
-    The teacher's states are computed on the fly (no_grad), batches are cycled; Adam with a cosine
-    schedule. Both models must take the same tokenized batches.
+    The teacher's states are computed on the fly (no_grad), so any input text is a training example;
+    AdamW with a one-cycle (warm-up, cosine) schedule. Both models must take the same tokenized batches.
 
     Args:
         student: the factorized model (trained in place).
         teacher: the dense model (not changed).
-        train_batches: tokenized batches.
+        train_batches: tokenized batches (cycled), or a function step ↦ batch (e.g. ``augmented_batches``).
         steps: optimizer steps.
         lr: peak learning rate.
         params: parameters to train (default: every parameter of the student).
@@ -152,7 +183,7 @@ def distill(
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(steps):
-        batch = train_batches[step % len(train_batches)]
+        batch = train_batches(step) if callable(train_batches) else train_batches[step % len(train_batches)]
         with torch.no_grad():
             h_t = last_hidden(teacher, batch)  # (B, T, d)
         h_s = last_hidden(student, batch)
