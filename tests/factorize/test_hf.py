@@ -48,7 +48,9 @@ def test_augmented_batches_are_seeded_fresh_and_tokenized(minilm: tuple) -> None
     b0, b1 = first(0), first(1)
     assert b0["input_ids"].shape[0] == 4 and b0["attention_mask"].shape == b0["input_ids"].shape
     assert torch.equal(again(0)["input_ids"], b0["input_ids"])  # same seed, same stream
-    assert not (b0["input_ids"].shape == b1["input_ids"].shape and torch.equal(b0["input_ids"], b1["input_ids"]))
+    assert not (
+        b0["input_ids"].shape == b1["input_ids"].shape and torch.equal(b0["input_ids"], b1["input_ids"])
+    )
     with pytest.raises(ValueError, match="augmented_batches"):
         augmented_batches(tok, [], 4)
 
