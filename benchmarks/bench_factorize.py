@@ -175,7 +175,7 @@ def minilm(quick: bool, distill_steps: int | None = None, lr: float = 5e-4) -> d
     out["linear_factor_params"] = rep.factor_params
     out["model_params_factorized"] = count_parameters(student)
     out["cosine_after_factorize"] = mean_cosine(embed(student, tok, held), e_dense)
-    steps = distill_steps if distill_steps is not None else (40 if quick else 1200)
+    steps = distill_steps if distill_steps is not None else (40 if quick else 2400)
     log = distill(student, dense, augmented_batches(tok, train[128:], 32, seed=0), steps=steps, lr=lr)
     out["distill_steps"], out["distill_seconds"] = steps, log.seconds
     out["cosine_after_distill"] = mean_cosine(embed(student, tok, held), e_dense)
@@ -217,7 +217,7 @@ def render(res: dict[str, Any], quick: bool) -> str:
     lines = [
         "# Factorization benchmark (`rlhf factorize`)",
         "",
-        f"Reproduce: `python benchmarks/bench_factorize.py{' --quick' if quick else ''}` — CPU "
+        f"Reproduce: `python benchmarks/bench_factorize.py{' --quick' if quick else ''} --threads {torch.get_num_threads()}` — CPU "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads), "
         "figures are single runs on a shared machine.",
         "",
@@ -297,10 +297,12 @@ def main() -> None:
         "--distill-steps",
         type=int,
         default=None,
-        help="MiniLM distillation steps (default 40 quick, 1200 full)",
+        help="MiniLM distillation steps (default 40 quick, 2400 full)",
     )
     ap.add_argument("--lr", type=float, default=5e-4, help="MiniLM distillation peak learning rate")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads (default 2: the CI machine's cores)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     res: dict[str, Any] = {"digits": digits(args.quick)}
