@@ -16,6 +16,7 @@ import argparse
 import copy
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from toolkit.factorize import RefitOptions, factorize_module
@@ -26,15 +27,16 @@ from toolkit.factorize.hf import (
     distill,
     embed,
     embedding_distortion,
-    export_encoder_onnx,
+    export_encoder,
     load_hf,
     mean_cosine,
+    mean_pool,
     minilm_dir,
-    onnx_embed,
-    onnx_session,
     save_factorized_hf,
+    tokenize,
 )
 from toolkit.factorize.sensitivity import sensitivity_ranks
+from toolkit.runtime import Executor
 
 
 def main() -> None:
@@ -70,9 +72,14 @@ def main() -> None:
         f"cosine after {args.steps} distillation steps: {mean_cosine(embed(student, tok, held), e_dense):.4f}"
     )
     save_factorized_hf(student, tok, report.to_json(), args.out)
-    onnx_path = export_encoder_onnx(student, args.out / "model.onnx")
-    e_onnx = onnx_embed(onnx_session(onnx_path), tok, held)
-    console.print(f"onnxruntime embeddings vs dense: cosine {mean_cosine(e_onnx, e_dense):.4f} ({onnx_path})")
+    export_encoder(student, tok, held[:8], args.out)  # model.onnx + manifest.json: an export directory
+    enc = tokenize(tok, held)
+    hidden = Executor(args.out).run({k: enc[k].numpy() for k in ("input_ids", "attention_mask")})
+    e_onnx = mean_pool(torch.from_numpy(hidden["last_hidden_state"]), enc["attention_mask"])
+    console.print(
+        f"onnxruntime (toolkit.runtime.Executor) embeddings vs dense: cosine {mean_cosine(e_onnx, e_dense):.4f}"
+    )
+    console.print(f"run it: rlhf run {args.out} --input ids.npz -o y.npy; rlhf bench {args.out}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from toolkit.factorize.classify import fine_tune_classifier, read_text_csv
 from toolkit.factorize.hf import (
     augmented_batches,
     embed,
-    export_encoder_onnx,
+    export_encoder,
+    last_hidden,
     load_factorized_hf,
     load_hf,
     mean_cosine,
@@ -25,6 +26,7 @@ from toolkit.factorize.hf import (
     onnx_embed,
     onnx_session,
     save_factorized_hf,
+    tokenize,
 )
 from toolkit.layers import FactorizedLinear
 
@@ -65,12 +67,57 @@ def test_factorized_minilm_forward_onnx_and_reload(minilm: tuple, tmp_path: Path
     e_fact = embed(model, tok, SENTENCES)
     assert e_fact.shape == (3, 384) and torch.isfinite(e_fact).all()
     assert -1.0 <= mean_cosine(e_fact, embed(dense, tok, SENTENCES)) <= 1.0
-    path = export_encoder_onnx(model, tmp_path / "model.onnx")
-    e_onnx = onnx_embed(onnx_session(path), tok, SENTENCES)
+    doc = export_encoder(model, tok, SENTENCES, tmp_path / "export")
+    assert doc["parity"]["end_to_end"]["ok"] and doc["parity"]["samples"] == 3
+    e_onnx = onnx_embed(onnx_session(tmp_path / "export" / "model.onnx"), tok, SENTENCES)
     np.testing.assert_allclose(e_onnx.numpy(), e_fact.numpy(), rtol=1e-3, atol=1e-4)
     save_factorized_hf(model, tok, rep.to_json(), tmp_path / "saved")
     again, tok2 = load_factorized_hf(tmp_path / "saved")
     torch.testing.assert_close(embed(again, tok2, SENTENCES), e_fact, rtol=1e-5, atol=1e-5)
+
+
+def test_factorized_minilm_runs_in_the_executor(minilm: tuple, tmp_path: Path) -> None:
+    """The HF export is an export directory: the executor and `rlhf run` load it (sha-checked) and
+    accept any batch size and sentence length."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.runtime import Executor
+
+    dense, tok = minilm
+    model = copy.deepcopy(dense)
+    factorize_module(model, ratio=0.5, include=r"encoder\.layer\.5\.")
+    export_encoder(model, tok, SENTENCES[:2], tmp_path / "export")
+    ex = Executor(tmp_path / "export", providers="cpu")
+    for batch in (SENTENCES, SENTENCES[2:]):  # 3 x 12 tokens, then 1 x 4
+        enc = tokenize(tok, batch)
+        feeds = {k: enc[k].numpy() for k in ("input_ids", "attention_mask")}
+        got = ex.run(feeds)["last_hidden_state"]
+        with torch.no_grad():
+            ref = last_hidden(model, enc).numpy()
+        assert got.shape == ref.shape == (len(batch), enc["input_ids"].shape[1], 384)
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match=r"'input_ids' int64 \(B, \*\)"):
+        ex.run(
+            {"input_ids": feeds["input_ids"].astype(np.float32), "attention_mask": feeds["attention_mask"]}
+        )
+    np.savez(tmp_path / "ids.npz", **feeds)
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(tmp_path / "export"),
+            "--input",
+            str(tmp_path / "ids.npz"),
+            "-o",
+            str(tmp_path / "y.npy"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-3, atol=1e-4)
+    (tmp_path / "export" / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match=r"model\.onnx: sha256 mismatch"):
+        Executor(tmp_path / "export", providers="cpu")
 
 
 def test_csv_classifier_fine_tune_lowers_loss(minilm: tuple) -> None:
@@ -95,7 +142,8 @@ def test_read_text_csv_errors(tmp_path: Path) -> None:
 
 def test_cli_sensitivity_and_distillation_on_minilm(minilm: tuple, tmp_path: Path) -> None:
     """`rlhf factorize MINILM --budget 0.5 --sensitivity --refit --distill-steps 2` on the last encoder
-    layer: the saved model reloads, runs, and keeps at most half of that layer's linear weights."""
+    layer: the saved model reloads, runs, keeps at most half of that layer's linear weights, and its
+    ONNX export agrees with it."""
     import json
 
     from click.testing import CliRunner
@@ -106,7 +154,7 @@ def test_cli_sensitivity_and_distillation_on_minilm(minilm: tuple, tmp_path: Pat
     out = tmp_path / "half"
     args = ["factorize", str(minilm_dir()), "-o", str(out), "--budget", "0.5", "--sensitivity"]
     args += ["--method", "asvd", "--refit", "--include", r"encoder\.layer\.5\.", "--samples", "16"]
-    args += ["--calibration", str(DATA / "sentiment.csv"), "--distill-steps", "2", "--no-onnx", "--json"]
+    args += ["--calibration", str(DATA / "sentiment.csv"), "--distill-steps", "2", "--json"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     layers = json.loads((out / "factorize.json").read_text())["layers"]
@@ -115,5 +163,10 @@ def test_cli_sensitivity_and_distillation_on_minilm(minilm: tuple, tmp_path: Pat
     model, tok2 = load_factorized_hf(out)
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     assert ranks and all(name.startswith("encoder.layer.5.") for name in ranks)
-    cos = mean_cosine(embed(model, tok2, SENTENCES), embed(dense, tok, SENTENCES))
+    e_saved = embed(model, tok2, SENTENCES)
+    cos = mean_cosine(e_saved, embed(dense, tok, SENTENCES))
     assert 0.0 < cos <= 1.0 + 1e-6
+    manifest = json.loads((out / "manifest.json").read_text())  # the ONNX export, checked on real sentences
+    assert manifest["parity"]["end_to_end"]["ok"] and manifest["parity"]["samples"] == 8
+    e_onnx = onnx_embed(onnx_session(out / "model.onnx"), tok2, SENTENCES)
+    np.testing.assert_allclose(e_onnx.numpy(), e_saved.numpy(), rtol=1e-3, atol=1e-4)

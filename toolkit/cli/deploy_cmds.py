@@ -226,7 +226,11 @@ def bench(
     seconds: float,
     as_json: bool,
 ) -> None:
-    """Latency percentiles, throughput and peak RSS: staged vs fused vs torch eager, int8 vs fp32."""
+    """Latency percentiles, throughput and peak RSS: staged vs fused vs torch eager, int8 vs fp32.
+
+    Inputs are random, of the manifest's shapes and dtypes (integers are ones; a dynamic axis after
+    the batch axis, such as a sequence length, gets 16 positions).
+    """
     from toolkit.runtime.bench import bench_export
     from toolkit.runtime.manifest import read_manifest
 

@@ -72,7 +72,11 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
     "(all of it, with word-level augmentation).",
 )
 @click.option(
-    "--onnx/--no-onnx", "onnx_", default=True, show_default=True, help="Hugging Face: also export model.onnx."
+    "--onnx/--no-onnx",
+    "onnx_",
+    default=True,
+    show_default=True,
+    help="Hugging Face: also export model.onnx and a manifest.json for the executor.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def factorize(
@@ -189,7 +193,7 @@ def _hf(
         augmented_batches,
         batches,
         distill,
-        export_encoder_onnx,
+        export_encoder,
         load_hf,
         save_factorized_hf,
     )
@@ -217,6 +221,7 @@ def _hf(
         distill(model, teacher, augmented_batches(tok, corpus, 32), steps=distill_steps)
     save_factorized_hf(model, tok, report.to_json(), out)
     if onnx_:
-        export_encoder_onnx(model, out / "model.onnx")
-    console.print(f"wrote {out} (model.safetensors, factorize.json{', model.onnx' if onnx_ else ''})")
+        export_encoder(model, tok, sentences[:8], out)
+    onnx_files = ", model.onnx, manifest.json (run it with rlhf run / rlhf bench)" if onnx_ else ""
+    console.print(f"wrote {out} (model.safetensors, factorize.json{onnx_files})")
     return report

@@ -35,6 +35,7 @@ def build_manifest(
     parity: dict[str, Any],
     quantization: dict[str, Any] | None,
     optimization: str | None,
+    exporter: str = "torch.onnx.export(dynamo=True)",
 ) -> dict[str, Any]:
     """Assemble the manifest document (see toolkit/runtime/manifest.py for the layout)."""
     return {
@@ -47,7 +48,7 @@ def build_manifest(
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
             "python": platform.python_version(),
-            "exporter": "torch.onnx.export(dynamo=True)",
+            "exporter": exporter,
         },
         "inputs": inputs,
         "outputs": outputs,

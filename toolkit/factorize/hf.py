@@ -6,6 +6,7 @@ Everything here imports ``transformers`` lazily (it is an optional extra). Model
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -253,6 +254,87 @@ def export_encoder_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> 
     return out
 
 
+def export_encoder(
+    model: nn.Module, tok: Any, sentences: Sequence[str], out_dir: str | Path, opset: int = 17
+) -> dict[str, Any]:
+    """Export an encoder as a one-stage export directory that ``toolkit.runtime.Executor`` and
+    ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus ``manifest.json``.
+
+    Parity against torch is measured on ``sentences`` (tokenized as ``tokenize`` does) and
+    recorded in the manifest. The manifest is written last, so a failed export never leaves a
+    directory that the executor would accept; the ONNX file is removed when parity fails.
+
+    Args:
+        model: the (factorized) encoder.
+        tok: its tokenizer.
+        sentences: real sentences to measure parity on (a few suffice).
+        out_dir: directory to write into (created if needed).
+        opset: ONNX opset.
+
+    Returns:
+        The manifest document.
+
+    Raises:
+        ValueError: no sentences, or onnxruntime disagrees with torch beyond the export tolerance.
+    """
+    from toolkit.export.manifest import build_manifest, file_entry
+    from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
+    from toolkit.fsio import atomic_write_bytes
+
+    if not sentences:
+        raise ValueError("export_encoder: expected at least one sentence to measure parity on, got none")
+    out = Path(out_dir)
+    (out / "manifest.json").unlink(missing_ok=True)  # a stale manifest must not vouch for a new file
+    path = export_encoder_onnx(model, out / "model.onnx", opset=opset)
+    enc = tokenize(tok, sentences)
+    model.eval()
+    with torch.no_grad():
+        ref = last_hidden(model, enc).float().numpy()
+    feeds = {k: enc[k].numpy() for k in ("input_ids", "attention_mask")}
+    (got,) = onnx_session(path).run(["last_hidden_state"], feeds)
+    parity = compare([got], [ref], DEFAULT_ATOL, DEFAULT_RTOL)
+    if not parity.ok:
+        path.unlink()
+        raise ValueError(
+            f"{path}: parity check failed, max abs error {parity.max_abs:.3g} (relative {parity.max_rel:.3g}) "
+            f"against torch on {len(sentences)} sentences: expected <= atol {DEFAULT_ATOL} + rtol {DEFAULT_RTOL} x scale"
+        )
+    ids = [{"name": k, "dtype": str(feeds[k].dtype), "shape": [None, None]} for k in feeds]
+    hidden = [{"name": "last_hidden_state", "dtype": "float32", "shape": [None, None, int(ref.shape[-1])]}]
+    entry = file_entry(path.name, path.read_bytes())
+    n_params = int(sum(p.numel() for p in model.parameters()))
+    doc = build_manifest(
+        name=f"{out.resolve().name} ({getattr(getattr(model, 'config', None), 'model_type', 'encoder')})",
+        opset=opset,
+        inputs=ids,
+        outputs=hidden,
+        stages=[
+            {
+                "index": 0,
+                "inputs": ids,
+                "outputs": hidden,
+                "parameters": n_params,
+                "files": {"fp32": entry},
+                "parity": parity.to_dict(),
+            }
+        ],
+        fused={"files": {"fp32": entry}, "parameters": n_params, "parity": parity.to_dict()},
+        parity={
+            "samples": len(sentences),
+            "atol": DEFAULT_ATOL,
+            "rtol": DEFAULT_RTOL,
+            "end_to_end": parity.to_dict(),
+            "fused": parity.to_dict(),
+            "stages": [parity.to_dict()],
+        },
+        quantization=None,
+        optimization=None,
+        exporter="torch.onnx.export(dynamo=False)",
+    )
+    atomic_write_bytes(out / "manifest.json", (json.dumps(doc, indent=2) + "\n").encode())
+    return doc
+
+
 def onnx_session(path: str | Path, threads: int = 1) -> Any:
     """An onnxruntime CPU session for an exported encoder."""
     import onnxruntime as ort
@@ -305,8 +387,6 @@ def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
         FileNotFoundError: when ``factorize.json`` or the weights are missing.
         ValueError: when the weights do not fit the recorded ranks.
     """
-    import json
-
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 

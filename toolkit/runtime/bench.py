@@ -95,16 +95,17 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def random_inputs(infos: tuple, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of the manifest's shapes and dtypes: standard normal floats, zeros for integers."""
+def random_inputs(infos: tuple, batch: int, seed: int = 0, length: int = 16) -> dict[str, np.ndarray]:
+    """Inputs of the manifest's shapes and dtypes: standard normal floats, ones for integers (a
+    valid index and an all-attending mask); ``length`` for dynamic axes after the batch axis."""
     rng = np.random.default_rng(seed)
     out = {}
     for t in infos:
-        shape = tuple(batch if d is None else d for d in t.shape)
+        shape = tuple((batch if i == 0 else length) if d is None else d for i, d in enumerate(t.shape))
         if t.dtype.startswith("float"):
             out[t.name] = rng.standard_normal(shape).astype(t.dtype)
         else:
-            out[t.name] = np.zeros(shape, dtype=t.dtype)
+            out[t.name] = np.ones(shape, dtype=t.dtype)
     return out
 
 

@@ -76,6 +76,7 @@ def release_free_memory() -> None:
 
 
 def _nbytes(infos: Sequence[TensorInfo], batch: int) -> int:
+    """Bytes of these tensors at a batch size (a later dynamic axis is counted as ``batch`` long too)."""
     total = 0
     for t in infos:
         n = 1
@@ -99,7 +100,8 @@ class Executor:
     activations crossing the cuts. Resident CPU runs use IO binding: each tensor crossing a cut lives
     in a buffer allocated once per batch size, written by its stage and read in place by the next
     (no per-call allocation or copy between stages); so one Executor must not ``run`` from two
-    threads at once. The estimate per stage is its file size (weights) plus the
+    threads at once. Models with a dynamic axis besides the batch (a sequence length: ``null`` past
+    the first axis in the manifest) run without preallocated buffers. The estimate per stage is its file size (weights) plus the
     bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
     pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory.
 
@@ -161,6 +163,8 @@ class Executor:
         self.streaming = memory_budget is not None and resident_bytes > memory_budget
         self._plan = self._make_plan()
         self._expect = [(t.name, np.dtype(t.dtype), t.shape) for t in self.manifest.inputs]
+        tensors = [t for u in self.units for t in (*u.inputs, *u.outputs)]
+        self._fixed_shapes = all(d is not None for t in tensors for d in t.shape[1:])
         if self.streaming:
             pin_mmap_threshold()
         self._bind_cache: dict[int, list[Any]] = {}
@@ -305,7 +309,7 @@ class Executor:
             TypeError, ValueError: malformed inputs (see ``check_inputs``).
         """
         batch = self.check_inputs(inputs)
-        if self._sessions is not None and not self.io_binding:
+        if self._sessions is not None and not self.io_binding and self._fixed_shapes:
             return self._run_bound_cpu(inputs, batch)
         env: dict[str, Any] = dict(inputs)
         bound = self.io_binding

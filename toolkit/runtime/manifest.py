@@ -33,15 +33,19 @@ DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Name, dtype and shape of a tensor crossing a cut; ``None`` in the shape is the batch axis."""
+    """Name, dtype and shape of a tensor crossing a cut.
+
+    ``None`` in the shape is a dynamic axis: the first is the batch axis, any later one (e.g. a
+    sequence length) takes whatever size the input has.
+    """
 
     name: str
     dtype: str
     shape: tuple[int | None, ...]
 
     def describe(self) -> str:
-        """``'x' float32 (B, 64)``: the form error messages use."""
-        dims = ", ".join("B" if d is None else str(d) for d in self.shape)
+        """``'x' float32 (B, 64)``: the form error messages use (``*`` for a later dynamic axis)."""
+        dims = ", ".join(("B" if i == 0 else "*") if d is None else str(d) for i, d in enumerate(self.shape))
         return f"'{self.name}' {self.dtype} ({dims})"
 
 
