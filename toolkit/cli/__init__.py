@@ -52,6 +52,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "factorize",
         "Factorize a dense model (checkpoint or Hugging Face) by SVD.",
     ),
+    "classify": (
+        "toolkit.cli.classify_cmd",
+        "classify",
+        "Fine-tune a text classifier (Hessian-free) on a Hugging Face encoder from a text,label CSV.",
+    ),
 }
 
 # Exceptions that mean "the user gave us something wrong": one line, exit 2, no traceback.

@@ -2,11 +2,14 @@
 
 The classifier is logits = W_h · mean_pool(encoder(ids)) + b_h. Training data is a user CSV with
 columns ``text`` and ``label`` (labels are any strings; they are mapped to 0..K-1 in sorted order).
+``save_classifier`` / ``load_classifier`` keep it as safetensors + JSON (no pickle); ``rlhf classify``
+is the command line.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,3 +148,85 @@ def fine_tune_classifier(
     with torch.no_grad():
         fit.accuracy = float((model(ids, mask).argmax(-1) == y).double().mean())
     return model, fit
+
+
+def accuracy(
+    model: SentenceClassifier,
+    tok: Any,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    names: Sequence[str],
+    max_length: int = 32,
+) -> float:
+    """Fraction of ``texts`` whose predicted label (index into ``names``) equals ``labels``.
+
+    Raises:
+        ValueError: a label that is not one of ``names`` (the classes seen in training).
+    """
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise ValueError(f"labels: expected classes seen in training {list(names)}, got {unknown}")
+    enc = tokenize(tok, texts, max_length)
+    with torch.no_grad():
+        pred = model(enc["input_ids"], enc["attention_mask"]).argmax(-1)
+    y = torch.tensor([list(names).index(lab) for lab in labels])
+    return float((pred == y).double().mean())
+
+
+def save_classifier(
+    model: SentenceClassifier,
+    tok: Any,
+    labels: Sequence[str],
+    report_json: str,
+    out_dir: str | Path,
+    max_length: int = 32,
+) -> Path:
+    """Save the encoder as ``save_factorized_hf`` does, the head as ``classifier.safetensors`` and
+    the label names and token cap as ``classifier.json`` (all written atomically)."""
+    from safetensors.torch import save
+
+    from toolkit.factorize.hf import save_factorized_hf
+    from toolkit.fsio import atomic_write_bytes
+
+    out = save_factorized_hf(model.encoder, tok, report_json, out_dir)
+    head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    atomic_write_bytes(
+        out / "classifier.safetensors", save(head, metadata={"format": "rlhf-classifier-head"})
+    )
+    meta = {"labels": list(labels), "max_length": max_length, "hidden": model.head.in_features}
+    atomic_write_bytes(out / "classifier.json", (json.dumps(meta, indent=2) + "\n").encode())
+    return out
+
+
+def load_classifier(path: str | Path) -> tuple[SentenceClassifier, Any, list[str], int]:
+    """Rebuild a classifier saved by ``save_classifier``: (model, tokenizer, label names, token cap).
+
+    Raises:
+        FileNotFoundError: a file of the classifier is missing.
+        ValueError: ``classifier.json`` is malformed or the head does not fit it.
+    """
+    from safetensors.torch import load_file
+
+    from toolkit.factorize.hf import load_factorized_hf
+
+    p = Path(path)
+    for f in ("classifier.json", "classifier.safetensors"):
+        if not (p / f).is_file():
+            raise FileNotFoundError(f"{p}: expected {f} of a classifier saved by rlhf classify, got none")
+    meta = json.loads((p / "classifier.json").read_text())
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise ValueError(
+            f"{p / 'classifier.json'}: labels: expected a list of at least 2 strings, got {labels!r}"
+        )
+    encoder, tok = load_factorized_hf(p)
+    model = SentenceClassifier(encoder, int(meta.get("hidden", 0)), len(labels))
+    try:
+        model.head.load_state_dict(load_file(str(p / "classifier.safetensors")), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{p / 'classifier.safetensors'}: expected a head of {len(labels)} labels, got {first}"
+        ) from None
+    model.eval()
+    return model, tok, labels, int(meta.get("max_length", 32))

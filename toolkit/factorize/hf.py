@@ -217,7 +217,19 @@ def export_encoder_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> 
     """Export a (factorized) transformers encoder to one ONNX file with torch.onnx.
 
     Inputs ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes), output
-    ``last_hidden_state``. optimum's exporter is not used: it re-creates the model from its config
+    ``last_hidden_state``; see ``export_text_onnx``.
+    """
+    return export_text_onnx(_EncoderForExport(model), path, "last_hidden_state", per_token=True, opset=opset)
+
+
+def export_text_onnx(
+    module: nn.Module, path: str | Path, output_name: str, *, per_token: bool, opset: int = 17
+) -> Path:
+    """Export ``module(input_ids, attention_mask) -> tensor`` to one ONNX file with torch.onnx.
+
+    Inputs ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence axes); the output
+    has a dynamic batch axis, and a dynamic sequence axis when ``per_token`` (token states rather
+    than one row per sentence). optimum's exporter is not used: it re-creates the model from its config
     (``main_export``) or re-validates shapes per architecture, while a factorized model no longer
     matches its config's layer types; torch.onnx traces the modules as they are. The file is written
     to a temporary name beside ``path`` and renamed into place.
@@ -233,20 +245,24 @@ def export_encoder_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    wrapper = _EncoderForExport(model).eval()
+    module.eval()
     ids = torch.ones(2, 8, dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     axes = {0: "batch", 1: "sequence"}
     with torch.no_grad():
         torch.onnx.export(
-            wrapper,
+            module,
             (ids, mask),
             str(tmp),
             input_names=["input_ids", "attention_mask"],
-            output_names=["last_hidden_state"],
+            output_names=[output_name],
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes},
+            dynamic_axes={
+                "input_ids": axes,
+                "attention_mask": axes,
+                output_name: axes if per_token else {0: "batch"},
+            },
         )
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -257,18 +273,38 @@ def export_encoder_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> 
 def export_encoder(
     model: nn.Module, tok: Any, sentences: Sequence[str], out_dir: str | Path, opset: int = 17
 ) -> dict[str, Any]:
-    """Export an encoder as a one-stage export directory that ``toolkit.runtime.Executor`` and
-    ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus ``manifest.json``.
+    """Export an encoder (``last_hidden_state``) as an export directory; see ``export_text_model``."""
+    return export_text_model(
+        _EncoderForExport(model), tok, sentences, out_dir, "last_hidden_state", opset=opset
+    )
+
+
+def export_text_model(
+    module: nn.Module,
+    tok: Any,
+    sentences: Sequence[str],
+    out_dir: str | Path,
+    output_name: str,
+    *,
+    max_length: int = 64,
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Export ``module(input_ids, attention_mask)`` as a one-stage export directory that
+    ``toolkit.runtime.Executor`` and ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus
+    ``manifest.json``.
 
     Parity against torch is measured on ``sentences`` (tokenized as ``tokenize`` does) and
     recorded in the manifest. The manifest is written last, so a failed export never leaves a
     directory that the executor would accept; the ONNX file is removed when parity fails.
 
     Args:
-        model: the (factorized) encoder.
-        tok: its tokenizer.
+        module: takes int64 ``input_ids`` and ``attention_mask`` (B, T); returns token states
+            (B, T, d) or one row per sentence (B, K), e.g. an encoder wrapper or a SentenceClassifier.
+        tok: the tokenizer.
         sentences: real sentences to measure parity on (a few suffice).
         out_dir: directory to write into (created if needed).
+        output_name: the output's name in the ONNX file and the manifest.
+        max_length: token cap for the parity sentences.
         opset: ONNX opset.
 
     Returns:
@@ -282,16 +318,16 @@ def export_encoder(
     from toolkit.fsio import atomic_write_bytes
 
     if not sentences:
-        raise ValueError("export_encoder: expected at least one sentence to measure parity on, got none")
+        raise ValueError("export: expected at least one sentence to measure parity on, got none")
     out = Path(out_dir)
     (out / "manifest.json").unlink(missing_ok=True)  # a stale manifest must not vouch for a new file
-    path = export_encoder_onnx(model, out / "model.onnx", opset=opset)
-    enc = tokenize(tok, sentences)
-    model.eval()
+    enc = tokenize(tok, sentences, max_length)
+    module.eval()
     with torch.no_grad():
-        ref = last_hidden(model, enc).float().numpy()
+        ref = module(enc["input_ids"], enc["attention_mask"]).float().numpy()
+    path = export_text_onnx(module, out / "model.onnx", output_name, per_token=ref.ndim == 3, opset=opset)
     feeds = {k: enc[k].numpy() for k in ("input_ids", "attention_mask")}
-    (got,) = onnx_session(path).run(["last_hidden_state"], feeds)
+    (got,) = onnx_session(path).run([output_name], feeds)
     parity = compare([got], [ref], DEFAULT_ATOL, DEFAULT_RTOL)
     if not parity.ok:
         path.unlink()
@@ -300,19 +336,20 @@ def export_encoder(
             f"against torch on {len(sentences)} sentences: expected <= atol {DEFAULT_ATOL} + rtol {DEFAULT_RTOL} x scale"
         )
     ids = [{"name": k, "dtype": str(feeds[k].dtype), "shape": [None, None]} for k in feeds]
-    hidden = [{"name": "last_hidden_state", "dtype": "float32", "shape": [None, None, int(ref.shape[-1])]}]
+    shape = [None, None, int(ref.shape[-1])] if ref.ndim == 3 else [None, int(ref.shape[-1])]
+    outputs = [{"name": output_name, "dtype": "float32", "shape": shape}]
     entry = file_entry(path.name, path.read_bytes())
-    n_params = int(sum(p.numel() for p in model.parameters()))
+    n_params = int(sum(p.numel() for p in module.parameters()))
     doc = build_manifest(
-        name=f"{out.resolve().name} ({getattr(getattr(model, 'config', None), 'model_type', 'encoder')})",
+        name=f"{out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
         opset=opset,
         inputs=ids,
-        outputs=hidden,
+        outputs=outputs,
         stages=[
             {
                 "index": 0,
                 "inputs": ids,
-                "outputs": hidden,
+                "outputs": outputs,
                 "parameters": n_params,
                 "files": {"fp32": entry},
                 "parity": parity.to_dict(),
