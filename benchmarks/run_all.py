@@ -5,6 +5,9 @@ docs/benchmarks/<name>.md (and plots); this driver runs them one after another s
 compete for the CPU, and collects their reports into one page.
 
 Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize]
+
+``--quick`` (tiny budgets, to check that the scripts run) writes its reports under
+runs/bench-quick/, so the recorded figures in docs/ are only ever replaced by full runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+QUICK_DIR = ROOT / "runs" / "bench-quick"
 BENCHES = {
     "optim": ("bench_optim.py", "Hessian-free vs Adam vs L-BFGS; curvature-product cost"),
     "runtime": ("bench_runtime.py", "Per-stage onnxruntime vs fused vs torch; streaming; int8"),
@@ -38,13 +42,20 @@ def main() -> int:
     failed: list[str] = []
     for name in chosen:
         script, _ = BENCHES[name]
-        cmd = [sys.executable, str(ROOT / "benchmarks" / script), *(["--quick"] if args.quick else [])]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script)]
+        if args.quick:
+            QUICK_DIR.mkdir(parents=True, exist_ok=True)
+            out = QUICK_DIR if name == "optim" else QUICK_DIR / f"{name}.md"  # optim takes a directory
+            cmd += ["--quick", "--out", str(out)]
         print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(name)
         print(f"=== {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
+    if args.quick:
+        print(f"quick reports written under {QUICK_DIR}", flush=True)
+        return 1 if failed else 0
     lines = [
         "# Benchmarks",
         "",
