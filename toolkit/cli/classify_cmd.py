@@ -64,10 +64,6 @@ def classify(
     from toolkit.factorize.classify import accuracy, fine_tune_classifier, read_text_csv, save_classifier
     from toolkit.factorize.hf import export_text_model, load_factorized_hf, load_hf
 
-    if not (source / "config.json").is_file():
-        raise FileNotFoundError(
-            f"SOURCE {source}: expected a Hugging Face model directory with config.json, got none"
-        )
     if steps < 1 or max_length < 2 or cg_max_iters < 1:
         raise ValueError(
             f"--steps/--max-length/--cg-max-iters: expected >= 1, >= 2, >= 1, got {steps}, {max_length}, {cg_max_iters}"

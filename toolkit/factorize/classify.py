@@ -145,9 +145,13 @@ def fine_tune_classifier(
         opt.step((ids, mask), y)
         with torch.no_grad():
             fit.losses.append(float(F.cross_entropy(model(ids, mask), y)))
-    with torch.no_grad():
-        fit.accuracy = float((model(ids, mask).argmax(-1) == y).double().mean())
+    fit.accuracy = _accuracy(model, ids, mask, y)
     return model, fit
+
+
+def _accuracy(model: SentenceClassifier, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(ids, mask).argmax(-1) == y).double().mean())
 
 
 def accuracy(
@@ -167,10 +171,8 @@ def accuracy(
     if unknown:
         raise ValueError(f"labels: expected classes seen in training {list(names)}, got {unknown}")
     enc = tokenize(tok, texts, max_length)
-    with torch.no_grad():
-        pred = model(enc["input_ids"], enc["attention_mask"]).argmax(-1)
     y = torch.tensor([list(names).index(lab) for lab in labels])
-    return float((pred == y).double().mean())
+    return _accuracy(model, enc["input_ids"], enc["attention_mask"], y)
 
 
 def save_classifier(

@@ -314,7 +314,7 @@ def export_text_model(
         ValueError: no sentences, or onnxruntime disagrees with torch beyond the export tolerance.
     """
     from toolkit.export.manifest import build_manifest, file_entry
-    from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare
+    from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, run_onnx
     from toolkit.fsio import atomic_write_bytes
 
     if not sentences:
@@ -327,7 +327,8 @@ def export_text_model(
         ref = module(enc["input_ids"], enc["attention_mask"]).float().numpy()
     path = export_text_onnx(module, out / "model.onnx", output_name, per_token=ref.ndim == 3, opset=opset)
     feeds = {k: enc[k].numpy() for k in ("input_ids", "attention_mask")}
-    (got,) = onnx_session(path).run([output_name], feeds)
+    data = path.read_bytes()  # read once: run for parity, then hashed for the manifest
+    (got,) = run_onnx(data, feeds, [output_name])
     parity = compare([got], [ref], DEFAULT_ATOL, DEFAULT_RTOL)
     if not parity.ok:
         path.unlink()
@@ -338,7 +339,8 @@ def export_text_model(
     ids = [{"name": k, "dtype": str(feeds[k].dtype), "shape": [None, None]} for k in feeds]
     shape = [None, None, int(ref.shape[-1])] if ref.ndim == 3 else [None, int(ref.shape[-1])]
     outputs = [{"name": output_name, "dtype": "float32", "shape": shape}]
-    entry = file_entry(path.name, path.read_bytes())
+    entry = file_entry(path.name, data)
+    checked = parity.to_dict()
     n_params = int(sum(p.numel() for p in module.parameters()))
     doc = build_manifest(
         name=f"{out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
@@ -352,17 +354,17 @@ def export_text_model(
                 "outputs": outputs,
                 "parameters": n_params,
                 "files": {"fp32": entry},
-                "parity": parity.to_dict(),
+                "parity": checked,
             }
         ],
-        fused={"files": {"fp32": entry}, "parameters": n_params, "parity": parity.to_dict()},
+        fused={"files": {"fp32": entry}, "parameters": n_params, "parity": checked},
         parity={
             "samples": len(sentences),
             "atol": DEFAULT_ATOL,
             "rtol": DEFAULT_RTOL,
-            "end_to_end": parity.to_dict(),
-            "fused": parity.to_dict(),
-            "stages": [parity.to_dict()],
+            "end_to_end": checked,
+            "fused": checked,
+            "stages": [checked],
         },
         quantization=None,
         optimization=None,

@@ -101,8 +101,8 @@ class Executor:
     in a buffer allocated once per batch size, written by its stage and read in place by the next
     (no per-call allocation or copy between stages); so one Executor must not ``run`` from two
     threads at once. Models with a dynamic axis besides the batch (a sequence length: ``null`` past
-    the first axis in the manifest) run without preallocated buffers. The estimate per stage is its file size (weights) plus the
-    bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
+    the first axis in the manifest) run without preallocated buffers. The estimate per stage is its
+    file size (weights) plus the bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
     pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory.
 
     Args:
