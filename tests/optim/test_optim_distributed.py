@@ -46,6 +46,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         half = x.shape[0] // world
         params, losses = _run(x[rank * half : (rank + 1) * half], t[rank * half : (rank + 1) * half])
         torch.save({"params": params, "losses": losses}, Path(out) / f"rank{rank}.pt")
+        # Both ranks finish their collectives before either tears gloo down: a rank that destroys
+        # the group while the other is still in its last all-reduce aborts it ("terminate called
+        # without an active exception", SIGABRT), seen once in a full run on a loaded 2-core box.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
