@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from toolkit.errors import InputError
+
 Loc = tuple[str | int, ...]
 
 
@@ -47,8 +49,11 @@ class Problem:
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
-class SpecError(ValueError):
-    """A spec is invalid; ``problems`` lists every problem found, ``str()`` gives one line each."""
+class SpecError(InputError):
+    """A spec is invalid; ``problems`` lists every problem found, ``str()`` gives one line each.
+
+    An :class:`~toolkit.errors.InputError` (hence a ValueError): the CLI prints it with exit code 2.
+    """
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems: list[Problem] = list(problems)
