@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch  # only rank_for_energy needs it: imported there, so spec checks stay torch-free
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep at least ``energy`` of the total σ² energy."""
+    import torch
+
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"expected energy in (0, 1], got {energy}")
     s2 = singular_values.double().pow(2)

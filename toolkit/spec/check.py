@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from toolkit.layers.rank import choose_rank
 from toolkit.spec.errors import Loc, Problem, SpecError, format_path, suggest
 from toolkit.spec.ops import OPS, PARAM_KEYS, REQUIRED, OpError, Shape, TensorInfo, dense_map_shape, node_cost
@@ -24,12 +22,82 @@ if TYPE_CHECKING:
 Issue = tuple[Loc, str]
 BYTES_PER_PARAM = 4  # float32
 
-# node ids become attribute names of the stage modules: keep clear of nn.Module's own attributes
-RESERVED_IDS = frozenset(name for name in dir(nn.Module) if not name.startswith("__")) | {
-    "input_names",
-    "output_names",
-    "node_ids",
-}
+# node ids become attribute names of the stage modules: keep clear of nn.Module's own attributes.
+# Written out so checking a spec needs no torch; tests/spec compares it with dir(torch.nn.Module).
+NN_MODULE_ATTRIBUTES = frozenset(
+    (
+        "T_destination",
+        "_apply",
+        "_call_impl",
+        "_compiled_call_impl",
+        "_get_backward_hooks",
+        "_get_backward_pre_hooks",
+        "_get_name",
+        "_load_from_state_dict",
+        "_maybe_warn_non_full_backward_hook",
+        "_named_members",
+        "_register_load_state_dict_pre_hook",
+        "_register_state_dict_hook",
+        "_replicate_for_data_parallel",
+        "_save_to_state_dict",
+        "_slow_forward",
+        "_version",
+        "_wrapped_call_impl",
+        "add_module",
+        "apply",
+        "bfloat16",
+        "buffers",
+        "call_super_init",
+        "children",
+        "compile",
+        "cpu",
+        "cuda",
+        "double",
+        "dump_patches",
+        "eval",
+        "extra_repr",
+        "float",
+        "forward",
+        "get_buffer",
+        "get_extra_state",
+        "get_parameter",
+        "get_submodule",
+        "half",
+        "ipu",
+        "load_state_dict",
+        "modules",
+        "mtia",
+        "named_buffers",
+        "named_children",
+        "named_modules",
+        "named_parameters",
+        "parameters",
+        "register_backward_hook",
+        "register_buffer",
+        "register_forward_hook",
+        "register_forward_pre_hook",
+        "register_full_backward_hook",
+        "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook",
+        "register_load_state_dict_pre_hook",
+        "register_module",
+        "register_parameter",
+        "register_state_dict_post_hook",
+        "register_state_dict_pre_hook",
+        "requires_grad_",
+        "set_extra_state",
+        "set_submodule",
+        "share_memory",
+        "state_dict",
+        "to",
+        "to_empty",
+        "train",
+        "type",
+        "xpu",
+        "zero_grad",
+    )
+)
+RESERVED_IDS = NN_MODULE_ATTRIBUTES | {"input_names", "output_names", "node_ids"}
 
 
 @dataclass(frozen=True)
