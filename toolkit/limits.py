@@ -13,6 +13,7 @@ constant (default)         override                         what it bounds
 MAX_SPEC_BYTES (1 MiB)     RLHF_MAX_SPEC_BYTES              size of a spec file
 MAX_SPEC_VALUES (100,000)  RLHF_MAX_SPEC_VALUES             values in a spec once YAML aliases expand
 MAX_SPEC_DEPTH (32)        (fixed)                          nesting of lists / mappings in a spec
+MAX_AUTO_STAGES (256)      (fixed)                          ``stages: {auto: {count: N}}``
 MAX_NODE_PARAMS (1e9)      RLHF_MAX_NODE_PARAMS             parameters of one node / layer
 MAX_MODEL_PARAMS (1e10)    RLHF_MAX_MODEL_PARAMS            parameters of a whole model
 MAX_TENSOR_ELEMENTS (1e9)  RLHF_MAX_TENSOR_ELEMENTS         elements of one activation per example
@@ -34,6 +35,7 @@ BYTES_PER_PARAM = 4  # float32
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_VALUES = 100_000
 MAX_SPEC_DEPTH = 32
+MAX_AUTO_STAGES = 256
 MAX_NODE_PARAMS = 1_000_000_000
 MAX_MODEL_PARAMS = 10_000_000_000
 MAX_TENSOR_ELEMENTS = 1_000_000_000
@@ -85,28 +87,43 @@ def numel(shape: Iterable[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def check(name: str, value: int, what: str) -> None:
-    """Refuse ``value`` when it exceeds the ceiling ``name``.
+_UNITS = {
+    "max_node_params": "parameters",
+    "max_model_params": "parameters",
+    "max_tensor_elements": "elements",
+    "max_spec_bytes": "bytes",
+    "max_spec_values": "values",
+}
+
+
+def over(name: str, value: int, what: str) -> str | None:
+    """The message refusing ``value`` when it exceeds the ceiling ``name``, else None.
 
     Args:
-        name: ``"max_node_params"``, ``"max_model_params"``, ``"max_tensor_elements"`` (or another
-            key of ``LIMITS``).
+        name: a key of ``LIMITS``.
         value: the count asked for (parameters, elements, bytes, values).
-        what: what asks for it, for the message: ``"node 'fc1' (nodes[0].out)"``, ``"model"``...
+        what: what asks for it, for the message: ``"node 'fc1'"``, ``"the model"``...
+
+    Returns:
+        "<what> needs 10,000,000,000 parameters, over the limit max_node_params = ..." or None.
 
     Raises:
-        InputError: "<what> needs 10,000,000,000 parameters, over the limit max_node_params = ...".
+        InputError: when the ceiling's environment variable is malformed.
     """
-    ceiling = limit(name)
-    if value > ceiling:
-        unit = {
-            "max_node_params": "parameters",
-            "max_model_params": "parameters",
-            "max_tensor_elements": "elements",
-            "max_spec_bytes": "bytes",
-            "max_spec_values": "values",
-        }.get(name, "")
-        raise InputError(f"{what} needs {value:,} {unit}, over the limit {describe(name)}".replace("  ", " "))
+    if value <= limit(name):
+        return None
+    return f"{what} needs {value:,} {_UNITS.get(name, 'units')}, over the limit {describe(name)}"
+
+
+def check(name: str, value: int, what: str) -> None:
+    """Refuse ``value`` when it exceeds the ceiling ``name`` (see :func:`over`).
+
+    Raises:
+        InputError: naming ``what``, the count and the ceiling with its override.
+    """
+    message = over(name, value, what)
+    if message is not None:
+        raise InputError(message)
 
 
 def check_params(count: int, what: str, *, scope: str = "node") -> None:

@@ -3,6 +3,7 @@
 from toolkit.limits import (
     BYTES_PER_PARAM,
     LIMITS,
+    MAX_AUTO_STAGES,
     MAX_MODEL_PARAMS,
     MAX_NODE_PARAMS,
     MAX_SPEC_BYTES,
@@ -15,11 +16,13 @@ from toolkit.limits import (
     describe,
     limit,
     numel,
+    over,
 )
 
 __all__ = [
     "BYTES_PER_PARAM",
     "LIMITS",
+    "MAX_AUTO_STAGES",
     "MAX_MODEL_PARAMS",
     "MAX_NODE_PARAMS",
     "MAX_SPEC_BYTES",
@@ -32,4 +35,5 @@ __all__ = [
     "describe",
     "limit",
     "numel",
+    "over",
 ]
