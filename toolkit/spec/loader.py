@@ -454,13 +454,22 @@ def _read_text(p: Path, source: str) -> str:
         raw = f.read(ceiling + 1)
     if len(raw) > ceiling:
         raise SpecError(
-            [Problem(source, "", None, f"file larger than {ceiling:,} bytes; over the limit {limits.describe('max_spec_bytes')}")]
+            [
+                Problem(
+                    source,
+                    "",
+                    None,
+                    f"file larger than {ceiling:,} bytes; over the limit {limits.describe('max_spec_bytes')}",
+                )
+            ]
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise SpecError([Problem(source, "", line, f"expected UTF-8 text, got byte 0x{raw[exc.start]:02x}")]) from None
+        raise SpecError(
+            [Problem(source, "", line, f"expected UTF-8 text, got byte 0x{raw[exc.start]:02x}")]
+        ) from None
 
 
 def load_spec(path: str | Path) -> GraphSpec:
