@@ -168,6 +168,16 @@ def main(**ceilings: int | None) -> None:
     """
     from toolkit.limits import LIMITS
 
-    for name, value in ceilings.items():
-        if value is not None:
-            os.environ[LIMITS[name][0]] = str(value)
+    given = {LIMITS[name][0]: str(value) for name, value in ceilings.items() if value is not None}
+    if given:  # for this command only: restored when it ends (tests call main() in one process)
+        before = {env: os.environ.get(env) for env in given}
+        os.environ.update(given)
+
+        def restore() -> None:
+            for env, old in before.items():
+                if old is None:
+                    os.environ.pop(env, None)
+                else:
+                    os.environ[env] = old
+
+        click.get_current_context().call_on_close(restore)
