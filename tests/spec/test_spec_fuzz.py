@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
