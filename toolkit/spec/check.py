@@ -24,7 +24,7 @@ Issue = tuple[Loc, str]
 BYTES_PER_PARAM = 4  # float32
 
 # node ids become attribute names of the stage modules: keep clear of nn.Module's own attributes.
-# Written out so checking a spec needs no torch; tests/spec compares it with dir(torch.nn.Module).
+# Written out so checking a spec needs no torch; tests/spec checks it covers dir(torch.nn.Module).
 NN_MODULE_ATTRIBUTES = frozenset(
     (
         "T_destination",
@@ -89,6 +89,7 @@ NN_MODULE_ATTRIBUTES = frozenset(
         "set_extra_state",
         "set_submodule",
         "share_memory",
+        "smart_apply",  # added to nn.Module by transformers
         "state_dict",
         "to",
         "to_empty",

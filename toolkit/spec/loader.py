@@ -1,8 +1,13 @@
 """Load a spec from YAML or JSON, validate it, and report every problem with file, field path and line.
 
-YAML goes through PyYAML's SafeLoader only (no tags that build objects); a compose pass records the
-line of every key and list item. JSON is parsed with ``json``; its lines come from composing the same
-text as YAML (JSON is YAML) where that works.
+YAML goes through PyYAML's safe constructor only (no tags that build objects); a compose pass records
+the line of every key and list item. JSON is parsed with ``json``; its lines come from composing the
+same text as YAML (JSON is YAML) where that works.
+
+Every file is read within the ceilings of :mod:`toolkit.limits`: its size, the nesting depth (checked
+while composing, before any recursion can go deep), and the number of values once aliases and merge
+keys expand (each list / mapping is sized once, before anything is constructed), so an alias bomb or
+a self-containing alias fails in milliseconds with one line naming the ceiling.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ else:  # pragma: no cover - PyYAML built without libyaml
 
 
 class _BoundedLoader(_SafeLoaderBase):
-    """PyYAML's SafeLoader with ceilings: nesting depth while composing, no self-containing alias,
-    and values raised while constructing scalars (``int`` of 5000 digits, a date of month 13)
+    """A safe YAML loader with ceilings: nesting depth while composing, no self-containing alias,
+    and values refused while constructing scalars (``int`` of 5000 digits, a date of month 13)
     reported as YAML errors with their line."""
 
     def __init__(self, text: str) -> None:
@@ -168,7 +173,7 @@ def _compose(text: str, source: str = "<memory>") -> tuple[Any, LineMap, list[Is
     """Parse YAML safely within the limits; return (data, line of each path, duplicate-key issues).
 
     Raises:
-        SpecError: when a limit of toolkit.spec.limits is hit.
+        SpecError: when a ceiling of toolkit.limits is hit.
         yaml.YAMLError: for text that is not YAML.
     """
     loader = _BoundedLoader(text)
