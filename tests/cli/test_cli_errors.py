@@ -87,11 +87,11 @@ def test_internal_error_traceback_printed_on_request(monkeypatch: pytest.MonkeyP
 def test_input_error_from_a_library_exits_2(tmp_path: Path) -> None:
     data = tmp_path / "x.npy"
     data.write_bytes(b"\x93NUMPY not really")
-    from toolkit.data.files import load_arrays
+    from toolkit.data.files import load_npy
     from toolkit.errors import InputError
 
     with pytest.raises(InputError, match=r"x\.npy: expected a readable \.npy file"):
-        load_arrays(data)
+        load_npy(data)
 
 
 CHECK = """

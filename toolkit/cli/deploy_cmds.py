@@ -13,7 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
-from toolkit.data.files import load_arrays
+from toolkit.data.files import load_npy, load_npz
 from toolkit.errors import InputError
 from toolkit.runtime.manifest import TensorInfo
 
@@ -92,7 +92,7 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
     """A .npy (single-input model), .npz (names) or .csv (single input, one example per row) file."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        arrays = load_arrays(path)  # type: ignore[assignment]
+        arrays = load_npz(path)
     elif suffix in (".npy", ".csv"):
         if len(infos) != 1:
             names = [t.name for t in infos]
@@ -100,7 +100,7 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
                 f"--input {path}: the model has inputs {names}: expected a .npz file with those names"
             )
         if suffix == ".npy":
-            arr = load_arrays(path)
+            arr = load_npy(path)
         else:
             try:
                 arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)

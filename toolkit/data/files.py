@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,25 +27,45 @@ from toolkit.errors import InputError
 TARGET_IS_INPUT = "input"
 
 
-def load_arrays(path: str | Path) -> np.ndarray | dict[str, np.ndarray]:
-    """Read a .npy (one array) or .npz (name -> array) file; never unpickles.
+def load_npy(path: str | Path) -> np.ndarray:
+    """Read a .npy file; never unpickles.
 
     Raises:
         FileNotFoundError: when the file does not exist.
         InputError: when numpy cannot read it (truncated, not numpy, object arrays).
     """
+    arr = _numpy_read(Path(path))
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{path}: expected one array (.npy), got an archive of several")
+    return arr
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a .npz file into name -> array; never unpickles.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        InputError: when numpy cannot read it (truncated, not an archive, object arrays).
+    """
     p = Path(path)
     try:
-        if p.suffix.lower() == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise InputError(f"{p}: expected a .npz archive of named arrays, got one array")
+            return {k: z[k] for k in z.files}
+    except (FileNotFoundError, IsADirectoryError, PermissionError, InputError):
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{p}: expected a readable .npz file (no pickles), got: {exc}") from None
+
+
+def _numpy_read(p: Path) -> Any:
+    try:
         return np.load(p, allow_pickle=False)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(
-            f"{p}: expected a readable {p.suffix or '.npy'} file (no pickles), got: {exc}"
-        ) from None
+        raise InputError(f"{p}: expected a readable .npy file (no pickles), got: {exc}") from None
 
 
 def _columns(table: dict[str, np.ndarray], names: str | list[str], where: str) -> np.ndarray:
@@ -107,11 +128,11 @@ def load_file(
     ext = p.suffix.lower()
     table: dict[str, np.ndarray]
     if ext == ".npz":
-        table = load_arrays(p)  # type: ignore[assignment]
+        table = load_npz(p)
     elif ext == ".csv":
         table = _read_csv(p)
     elif ext == ".npy":
-        arr = load_arrays(p)  # type: ignore[assignment]
+        arr = load_npy(p)
         if arr.dtype.names:
             table = {n: arr[n] for n in arr.dtype.names}
         else:

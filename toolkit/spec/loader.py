@@ -33,14 +33,15 @@ _TOO_DEEP = f"nesting deeper than {limits.MAX_SPEC_DEPTH} lists / mappings (limi
 
 
 if getattr(yaml, "__with_libyaml__", False):
+    _CParser: Any = yaml.cyaml.CParser  # type: ignore[attr-defined]
 
     class _SafeLoaderBase(
-        yaml.composer.Composer, yaml.cyaml.CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver
+        yaml.composer.Composer, _CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver
     ):
         """libyaml's parser (C, about 5x faster) under PyYAML's composer, which the ceilings hook into."""
 
         def __init__(self, stream: str) -> None:
-            yaml.cyaml.CParser.__init__(self, stream)
+            _CParser.__init__(self, stream)
             yaml.composer.Composer.__init__(self)  # type: ignore[no-untyped-call]
             yaml.constructor.SafeConstructor.__init__(self)  # type: ignore[no-untyped-call]
             yaml.resolver.Resolver.__init__(self)  # type: ignore[no-untyped-call]
@@ -68,14 +69,14 @@ class _BoundedLoader(_SafeLoaderBase):
                     None,
                     f"alias *{event.anchor} refers to the list or mapping that contains it "
                     "(a recursive spec cannot be expanded)",
-                    event.start_mark,
+                    event.start_mark,  # type: ignore[arg-type]
                 )
             return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
         collection = isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent)
         if collection:
             self._depth += 1
             if self._depth > limits.MAX_SPEC_DEPTH:
-                raise yaml.composer.ComposerError(None, None, _TOO_DEEP, event.start_mark)
+                raise yaml.composer.ComposerError(None, None, _TOO_DEEP, event.start_mark)  # type: ignore[arg-type]
             self._open_anchors.append(event.anchor)
         try:
             return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
