@@ -133,7 +133,7 @@ def train(
         if last:
             try:
                 ckpt = load_checkpoint(last[-1])
-            except ValueError as exc:
+            except InputError as exc:
                 prev = (
                     f"; the previous checkpoint {last[-2]} is intact: delete the corrupted one to resume from it"
                     if len(last) > 1
