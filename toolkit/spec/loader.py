@@ -455,13 +455,15 @@ def parse_spec(data: dict[str, Any], source: str = "<memory>") -> GraphSpec:
     return _parse(data, source, {}, [])
 
 
-def _json_depth(text: str) -> int:
-    """Deepest nesting of [ ] / { } outside strings (so json.loads never recurses past the limit)."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_JSON_STRING.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+def _json_too_deep(text: str) -> bool:
+    """Whether [ ] / { } nest deeper than MAX_SPEC_DEPTH outside strings (checked before json.loads
+    can recurse; stops at the first bracket past the limit)."""
+    depth = 0
+    for match in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > limits.MAX_SPEC_DEPTH:
+            return True
+    return False
 
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -518,7 +520,7 @@ def load_spec(path: str | Path) -> GraphSpec:
     lines: LineMap = {}
     dups: list[Issue] = []
     if p.suffix.lower() == ".json":
-        if _json_depth(text) > limits.MAX_SPEC_DEPTH:
+        if _json_too_deep(text):
             raise SpecError([Problem(source, "", None, _TOO_DEEP)])
         try:
             data = json.loads(text)
