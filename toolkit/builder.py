@@ -15,6 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.layers import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear, FactorizedMixin
 from toolkit.spec import GraphSpec, InputSpec, NodeSpec, parse_spec
 from toolkit.spec.check import RankPlan
@@ -188,7 +189,7 @@ class Stage(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tensors) != len(self.input_names):
-            raise ValueError(
+            raise InputError(
                 f"expected {len(self.input_names)} tensors {self.input_names}, got {len(tensors)}"
             )
         env = dict(zip(self.input_names, tensors))
@@ -217,7 +218,7 @@ class StagedModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+            raise InputError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         env = dict(zip(self.input_names, inputs))
         for stage in self.stage_list():
             outs = stage(*(env[name] for name in stage.input_names))

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from toolkit.errors import InputError
 from toolkit.fsio import fsync_dir, replace_dir, write_synced
 
 FORMAT = "rlhf-checkpoint/1"
@@ -120,8 +121,8 @@ def prune_checkpoints(directory: str | Path, prefix: str = "step", keep: int = 2
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _corrupt(path: Path, what: str) -> ValueError:
-    return ValueError(
+def _corrupt(path: Path, what: str) -> InputError:
+    return InputError(
         f"checkpoint {path} is corrupted or truncated: {what}; earlier checkpoints are untouched"
     )
 
@@ -134,7 +135,7 @@ def _read_weights(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dic
     except (SafetensorError, OSError, RuntimeError, ValueError, struct.error) as exc:
         raise _corrupt(path, f"cannot read safetensors ({exc})") from exc
     if "spec" not in md:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path}: expected the model spec in the safetensors metadata, got keys {sorted(md)}"
         )
     try:
@@ -236,7 +237,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         model.load_state_dict(ckpt.weights, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ValueError(
+        raise InputError(
             f"checkpoint {p}: weights do not fit the embedded spec: {' '.join(first[:3])}"
         ) from exc
     model.to(device).eval()

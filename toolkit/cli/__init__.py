@@ -2,16 +2,24 @@
 
 Each command lives in a small module of this package and is imported only when it runs, so
 `rlhf --help` stays fast and a command that needs torch does not slow down one that does not.
-User errors (bad specs, missing files, wrong shapes) become one line on stderr and exit code 2.
+Exit codes: 0 success; 2 the user's input is wrong (toolkit.errors.InputError, which SpecError is,
+a missing / unreadable path, a bad option): one line per problem on stderr; 1 anything else, which is
+a bug in the toolkit: a short "internal error" line, the full traceback written to a file whose path
+is printed (``RLHF_TRACEBACK=print`` prints it to stderr instead).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 from typing import Any
 
 import click
+
+from toolkit.errors import InputError
 
 # command name -> (module, attribute, one-line help shown by `rlhf --help` without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -59,15 +67,38 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
-# Exceptions that mean "the user gave us something wrong": one line, exit 2, no traceback.
+# Exceptions that mean "the user gave us something wrong": one line, exit 2, no traceback. Only
+# errors raised on purpose about the input qualify; a stray ValueError / TypeError / KeyError is a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    TypeError,
-    KeyError,
+    InputError,
     FileNotFoundError,
     PermissionError,
     IsADirectoryError,
+    NotADirectoryError,
 )
+
+
+def report_internal_error(exc: BaseException) -> str:
+    """Keep the traceback of an unexpected exception and say where it is.
+
+    Writes the traceback to a file in the temporary directory (or, with ``RLHF_TRACEBACK=print``, to
+    stderr) and returns the one-line message shown to the user.
+    """
+    text = "".join(traceback.format_exception(exc))
+    summary = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if str(exc) else type(exc).__name__
+    if os.environ.get("RLHF_TRACEBACK", "").lower() == "print":
+        click.echo(text, err=True, nl=False)
+        where = "traceback above"
+    else:
+        try:
+            fd, path = tempfile.mkstemp(prefix="rlhf-traceback-", suffix=".txt")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            where = f"traceback in {path}"
+        except OSError:
+            click.echo(text, err=True, nl=False)
+            where = "traceback above"
+    return f"internal error: {summary} — please report this bug; {where}"
 
 
 class LazyGroup(click.Group):
@@ -89,16 +120,38 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own usage errors (exit 2) and exits
         except USER_ERRORS as exc:
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            for line in message.strip().splitlines() or [type(exc).__name__]:
+            for line in str(exc).strip().splitlines() or [type(exc).__name__]:
                 click.echo(f"error: {line}", err=True)
             ctx.exit(2)
+        except Exception as exc:  # a bug: keep the traceback, exit 1
+            click.echo(report_internal_error(exc), err=True)
+            ctx.exit(1)
+
+
+def _limit_options(f: Any) -> Any:
+    """One option per ceiling of toolkit.spec.limits; a given value is exported to its environment
+    variable, so the library (and any worker process) sees it."""
+    from toolkit.limits import LIMITS
+
+    for name, (env, default) in reversed(LIMITS.items()):
+        f = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=click.IntRange(min=1),
+            default=None,
+            metavar="N",
+            help=f"Ceiling {name} (default {default:,}; env {env}).",
+        )(f)
+    return f
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rlhf-toolkit", prog_name="rlhf")
-def main() -> None:
+@_limit_options
+def main(**ceilings: int | None) -> None:
     """rlhf — shrink neural networks and ship them to small devices.
 
     RLHF here means Reduced Large-scale Hidden Factorization + Regularized Learning with
@@ -113,3 +166,18 @@ def main() -> None:
       rlhf run export/ --input x.npy -o y.npy
       rlhf bench export/
     """
+    from toolkit.limits import LIMITS
+
+    given = {LIMITS[name][0]: str(value) for name, value in ceilings.items() if value is not None}
+    if given:  # for this command only: restored when it ends (tests call main() in one process)
+        before = {env: os.environ.get(env) for env in given}
+        os.environ.update(given)
+
+        def restore() -> None:
+            for env, old in before.items():
+                if old is None:
+                    os.environ.pop(env, None)
+                else:
+                    os.environ[env] = old
+
+        click.get_current_context().call_on_close(restore)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from toolkit.errors import InputError
+
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
@@ -65,7 +67,7 @@ def classify(
     from toolkit.factorize.hf import export_text_model, load_factorized_hf, load_hf
 
     if steps < 1 or max_length < 2 or cg_max_iters < 1:
-        raise ValueError(
+        raise InputError(
             f"--steps/--max-length/--cg-max-iters: expected >= 1, >= 2, >= 1, got {steps}, {max_length}, {cg_max_iters}"
         )
     texts, labels = read_text_csv(train_csv)

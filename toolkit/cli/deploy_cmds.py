@@ -13,6 +13,8 @@ from typing import Any
 import click
 import numpy as np
 
+from toolkit.data.files import load_npy, load_npz
+from toolkit.errors import InputError
 from toolkit.runtime.manifest import TensorInfo
 
 
@@ -55,7 +57,7 @@ def export(
     from toolkit.export import export_model
 
     if samples < 2:
-        raise ValueError(f"--samples: expected at least 2, got {samples}")
+        raise InputError(f"--samples: expected at least 2, got {samples}")
     model, spec, _ = load_model(source)
     sample, targets, calib = _load_samples(spec, samples)
     manifest = export_model(
@@ -90,24 +92,26 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
     """A .npy (single-input model), .npz (names) or .csv (single input, one example per row) file."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = load_npz(path)
     elif suffix in (".npy", ".csv"):
         if len(infos) != 1:
             names = [t.name for t in infos]
-            raise ValueError(
+            raise InputError(
                 f"--input {path}: the model has inputs {names}: expected a .npz file with those names"
             )
         if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
+            arr = load_npy(path)
         else:
-            arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            try:
+                arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+            except ValueError as exc:
+                raise InputError(f"--input {path}: expected a CSV of numbers, got: {exc}") from None
             fixed = [d for d in infos[0].shape[1:] if d is not None]
             if arr.shape[1] == int(np.prod(fixed)):
                 arr = arr.reshape(arr.shape[0], *fixed)
         arrays = {infos[0].name: arr}
     else:
-        raise ValueError(
+        raise InputError(
             f"--input {path}: expected a .npy, .npz or .csv file, got {suffix or 'no extension'}"
         )
     out = {}
@@ -115,7 +119,7 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
         if t.name in arrays:
             a = arrays[t.name]
             if not np.can_cast(a.dtype, t.dtype, casting="same_kind"):
-                raise ValueError(
+                raise InputError(
                     f"--input {path}: input {t.name!r}: expected {t.dtype} values, got {a.dtype}"
                 )
             arrays[t.name] = a.astype(t.dtype, copy=False)
@@ -175,10 +179,10 @@ def run(
         np.savez(out, **outputs)  # type: ignore[arg-type]
     elif suffix == ".npy":
         if len(outputs) != 1:
-            raise ValueError(f"-o {out}: the model has outputs {list(outputs)}: expected a .npz path")
+            raise InputError(f"-o {out}: the model has outputs {list(outputs)}: expected a .npz path")
         np.save(out, next(iter(outputs.values())))
     else:
-        raise ValueError(f"-o {out}: expected a .npy or .npz path, got {suffix or 'no extension'}")
+        raise InputError(f"-o {out}: expected a .npy or .npz path, got {suffix or 'no extension'}")
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
     click.echo(f"wrote {out}: {shapes} ({ex.mode}, {ex.providers[0]})")
 
@@ -235,7 +239,7 @@ def bench(
     from toolkit.runtime.manifest import read_manifest
 
     if any(b < 1 for b in batches):
-        raise ValueError(f"--batch: expected positive batch sizes, got {list(batches)}")
+        raise InputError(f"--batch: expected positive batch sizes, got {list(batches)}")
     manifest = read_manifest(export_dir)
     source = model_path or manifest.raw.get("source")
     extra = {}

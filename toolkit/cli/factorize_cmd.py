@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from toolkit.errors import InputError
+
 
 def _sentences(path: Path | None, limit: int) -> list[str]:
     """Calibration sentences: a .txt (one per line) or .csv with a ``text`` column; default the Python docs."""
@@ -22,12 +24,12 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             if "text" not in (reader.fieldnames or []):
-                raise ValueError(f"--calibration {path}: expected a 'text' column, got {reader.fieldnames}")
+                raise InputError(f"--calibration {path}: expected a 'text' column, got {reader.fieldnames}")
             lines = [row["text"] for row in reader if (row["text"] or "").strip()]
     else:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
-        raise ValueError(f"--calibration {path}: expected at least one sentence, got none")
+        raise InputError(f"--calibration {path}: expected at least one sentence, got none")
     return lines[:limit]
 
 
@@ -104,7 +106,7 @@ def factorize(
             f"SOURCE {source}: expected a Hugging Face model directory or a checkpoint, got no such path"
         )
     if samples < 1 or distill_steps < 0:
-        raise ValueError(
+        raise InputError(
             f"--samples/--distill-steps: expected >= 1 and >= 0, got {samples} and {distill_steps}"
         )
     rule: dict[str, Any] = {"rank": rank, "ratio": ratio, "energy": energy, "budget": budget}
@@ -112,7 +114,7 @@ def factorize(
 
     _check_rule(**rule)  # fail on bad values before loading anything
     if sensitivity and budget is None:
-        raise ValueError("--sensitivity: expected --budget (the parameter budget to allocate), got none")
+        raise InputError("--sensitivity: expected --budget (the parameter budget to allocate), got none")
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
     if (source / "config.json").is_file():
         report_obj = _hf(

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.errors import InputError
 from toolkit.spec import GraphSpec, SpecError, json_schema, load_spec
 from toolkit.spec.errors import Problem, format_path
 from toolkit.spec.summary import summarize, to_dot, to_mermaid, totals
@@ -33,7 +34,7 @@ def validate(files: tuple[Path, ...]) -> None:
         for loc, msg in spec.analysis.notes:
             click.echo(f"warning: {Problem(str(f), format_path(loc), None, msg)}", err=True)
     if bad:
-        raise ValueError("\n".join(bad))
+        raise InputError("\n".join(bad))
 
 
 def _ratio(dense: int, actual: int) -> str:

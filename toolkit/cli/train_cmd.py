@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from toolkit.errors import InputError
+
 
 @click.command("train")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False, path_type=Path))
@@ -64,9 +66,9 @@ def train(
     from toolkit.train.run import train as run_train
 
     if resume_dir is None and spec is None:
-        raise ValueError("expected a SPEC file or --resume RUN_DIR, got neither")
+        raise InputError("expected a SPEC file or --resume RUN_DIR, got neither")
     if layerwise and teacher is None:
-        raise ValueError("--layerwise: expected --teacher RUN_DIR_OR_CHECKPOINT, got none")
+        raise InputError("--layerwise: expected --teacher RUN_DIR_OR_CHECKPOINT, got none")
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     show = not quiet and not as_json and main_process
     if resume_dir is not None:

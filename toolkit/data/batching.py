@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from toolkit.errors import InputError
+
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The full batches of one epoch (the remainder is dropped; every epoch reshuffles).
@@ -34,7 +36,7 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
 def shard_batch(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This process's share of a global batch: positions rank, rank + world, ..."""
     if len(batch) % world:
-        raise ValueError(
+        raise InputError(
             f"expected the batch size to be a multiple of the {world} processes, got {len(batch)}"
         )
     return batch[rank::world]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from toolkit.errors import InputError
+
 #: examples generated for CURVES when the spec gives no ``limit``
 CURVES_DEFAULT_COUNT = 10_000
 
@@ -91,7 +93,7 @@ def _mnist1d(limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
-        raise ValueError(
+        raise InputError(
             "builtin dataset 'mnist1d': expected the optional package mnist1d, got ImportError; "
             "install it with `pip install mnist1d` (it generates the data offline)"
         ) from exc
@@ -128,7 +130,7 @@ def load_builtin(name: str, limit: int | None = None, seed: int = 0) -> tuple[np
         ValueError: for an unknown name or a missing optional package.
     """
     if name not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown builtin dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
+        raise InputError(f"unknown builtin dataset {name!r}; known: {sorted(BUILTIN_DATASETS)}")
     x, y = BUILTIN_DATASETS[name](limit, seed)
     if limit is not None:
         x, y = x[:limit], y[:limit]

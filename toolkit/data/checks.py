@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.errors import InputError
+
 CLASS_LOSSES = ("cross_entropy",)
 
 
@@ -37,13 +39,13 @@ def conform_input(where: str, name: str, x: np.ndarray, spec: Any) -> np.ndarray
     shape = input_shape(spec)
     x = np.asarray(x)
     if x.ndim == 0:
-        raise ValueError(f"{where}: input {name!r}: expected an array (N, ...), got a scalar")
+        raise InputError(f"{where}: input {name!r}: expected an array (N, ...), got a scalar")
     n = x.shape[0]
     per = int(np.prod(x.shape[1:], dtype=np.int64))
     want = int(np.prod(shape, dtype=np.int64))
     if tuple(x.shape[1:]) != shape:
         if per != want:
-            raise ValueError(
+            raise InputError(
                 f"{where}: input {name!r}: expected examples of shape {list(shape)} (spec inputs), "
                 f"got {list(x.shape[1:])}"
             )
@@ -51,12 +53,12 @@ def conform_input(where: str, name: str, x: np.ndarray, spec: Any) -> np.ndarray
     dtype = input_dtype(spec)
     if dtype == "int64":
         if not np.all(np.isfinite(x)) or np.any(x != np.round(x)):
-            raise ValueError(f"{where}: input {name!r}: expected integers (spec dtype int64)")
+            raise InputError(f"{where}: input {name!r}: expected integers (spec dtype int64)")
         return x.astype(np.int64)
     x = x.astype(np.float32)
     bad = ~np.isfinite(x.reshape(n, -1)).all(axis=1)
     if bad.any():
-        raise ValueError(
+        raise InputError(
             f"{where}: input {name!r}: expected finite values, got NaN/inf in {int(bad.sum())} example(s), "
             f"first at row {int(np.argmax(bad))}"
         )
@@ -81,23 +83,23 @@ def check_targets(where: str, targets: np.ndarray, loss: str, output_size: int |
     t = np.asarray(targets)
     if t.dtype.kind == "f" and not np.all(np.isfinite(t)):
         bad = ~np.isfinite(t.reshape(len(t), -1)).all(axis=1)
-        raise ValueError(
+        raise InputError(
             f"{where}: targets: expected finite values, got NaN/inf first at row {int(np.argmax(bad))}"
         )
     if loss in CLASS_LOSSES:
         if t.ndim != 1 or np.any(t != np.round(t)):
-            raise ValueError(
+            raise InputError(
                 f"{where}: targets: expected (N,) integer class labels for {loss}, got {t.dtype} {list(t.shape)}"
             )
         t = t.astype(np.int64)
         lo, hi = int(t.min(initial=0)), int(t.max(initial=0))
         if lo < 0 or (output_size is not None and hi >= output_size):
-            raise ValueError(
+            raise InputError(
                 f"{where}: targets: expected labels in [0, {output_size}) for a model with {output_size} outputs, "
                 f"got labels in [{lo}, {hi}]"
             )
         return t
     t = t.astype(np.float32)
     if loss == "bce" and (t.min(initial=0) < 0 or t.max(initial=0) > 1):
-        raise ValueError(f"{where}: targets: expected values in [0, 1] for bce, got [{t.min()}, {t.max()}]")
+        raise InputError(f"{where}: targets: expected values in [0, 1] for bce, got [{t.min()}, {t.max()}]")
     return t

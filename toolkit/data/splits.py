@@ -11,6 +11,7 @@ import numpy as np
 from toolkit.data.builtin import load_builtin
 from toolkit.data.checks import check_targets, conform_input
 from toolkit.data.files import load_file
+from toolkit.errors import InputError
 
 
 @dataclass
@@ -58,11 +59,11 @@ def split_arrays(
     n = len(targets)
     for name, x in inputs.items():
         if len(x) != n:
-            raise ValueError(f"input {name!r}: expected {n} examples like the targets, got {len(x)}")
+            raise InputError(f"input {name!r}: expected {n} examples like the targets, got {len(x)}")
     perm = np.random.default_rng(seed).permutation(n)
     n_test, n_val = int(n * test_fraction), int(n * val_fraction)
     if n - n_test - n_val < 1:
-        raise ValueError(f"expected at least one training example, got {n} examples in all")
+        raise InputError(f"expected at least one training example, got {n} examples in all")
     whole = Split(inputs, targets)
     return Splits(
         train=whole.take(perm[n_test + n_val :]),
@@ -94,13 +95,13 @@ def load_data(
     """
     names = list(input_specs)
     if not names:
-        raise ValueError("expected the spec to have at least one input, got none")
+        raise InputError("expected the spec to have at least one input, got none")
     if cfg.builtin is not None:
         where = f"builtin dataset {cfg.builtin!r}"
         if len(names) != 1:
-            raise ValueError(f"{where}: expected a spec with exactly one input, got {names}")
+            raise InputError(f"{where}: expected a spec with exactly one input, got {names}")
         if cfg.target not in (None, "input") and cfg.target != "y":
-            raise ValueError(f"{where}: data.target: expected 'input' or nothing, got {cfg.target!r}")
+            raise InputError(f"{where}: data.target: expected 'input' or nothing, got {cfg.target!r}")
         x, y = load_builtin(cfg.builtin, limit=cfg.limit, seed=cfg.seed)
         xs = {names[0]: x}
         if cfg.target == "input":

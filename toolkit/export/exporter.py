@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.export import quantize as quant
 from toolkit.export.manifest import build_manifest, file_entry, tensor_info
 from toolkit.export.onnx_io import DEFAULT_OPSET, check_model, compact, export_module
@@ -42,7 +43,7 @@ def _check_sample(model: Any, sample: Mapping[str, np.ndarray], what: str) -> di
     unknown = [k for k in sample if k not in names]
     missing = [k for k in names if k not in sample]
     if unknown or missing:
-        raise ValueError(f"{what}: expected arrays for inputs {names}, got {sorted(sample)}")
+        raise InputError(f"{what}: expected arrays for inputs {names}, got {sorted(sample)}")
     out = {}
     batches = set()
     for k in names:
@@ -54,7 +55,7 @@ def _check_sample(model: Any, sample: Mapping[str, np.ndarray], what: str) -> di
         batches.add(v.shape[0])
         out[k] = np.ascontiguousarray(v)
     if len(batches) != 1 or 0 in batches:
-        raise ValueError(f"{what}: expected one non-zero batch size for all inputs, got {sorted(batches)}")
+        raise InputError(f"{what}: expected one non-zero batch size for all inputs, got {sorted(batches)}")
     return out
 
 
@@ -126,7 +127,7 @@ def _write(tmp: Path, name: str, data: bytes) -> dict[str, Any]:
 def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temp directory into place; an existing export is swapped out, then removed."""
     if out.exists() and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"output directory {out} exists: expected a new path, or pass overwrite=True (--overwrite)"
         )
     replace_dir(tmp, out)
@@ -183,11 +184,11 @@ def export_model(
     staged: Any = model
     out = Path(out_dir)
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize: expected None or 'int8', got {quantize!r}")
+        raise InputError(f"quantize: expected None or 'int8', got {quantize!r}")
     if not hasattr(staged, "stages") or not len(staged.stages):
         raise TypeError(f"model: expected a staged model with .stages, got {type(model).__name__}")
     if out.exists() and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"output directory {out} exists: expected a new path, or pass overwrite=True (--overwrite)"
         )
     sample = _check_sample(model, sample, "sample")
@@ -261,7 +262,7 @@ def _export_into(
             proto = export_module(stage, _trace_args([before[n] for n in ins]), ins, outs, opset)
             data = finish(proto, ins, outs, _stage_file(i, "fp32"))
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise (InputError if isinstance(exc, InputError) else ValueError)(f"{where}: {exc}") from None
         got = run_onnx(data, {n: before[n] for n in ins}, outs)
         parity = compare(got, [envs[i][n] for n in outs], atol, rtol)
         if not parity.ok:
@@ -286,7 +287,7 @@ def _export_into(
         proto = export_module(model, _trace_args([sample[n] for n in in_names]), in_names, out_names, opset)
         fused = finish(proto, in_names, out_names, _fused_file("fp32"))
     except ValueError as exc:
-        raise ValueError(f"fused model: {exc}") from None
+        raise (InputError if isinstance(exc, InputError) else ValueError)(f"fused model: {exc}") from None
     fused_parity = compare(run_onnx(fused, sample, out_names), torch_out, atol, rtol)
     sessions = [cpu_session(b) for b in stage_bytes]
     chained = _chain_onnx(sessions, io, sample, out_names)

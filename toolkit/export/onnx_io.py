@@ -23,6 +23,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.fsio import write_synced
 
 DEFAULT_OPSET = 18
@@ -144,7 +145,7 @@ def export_module(
         ValueError: the exporter failed, or names collide (a stage returning one of its inputs unchanged).
     """
     if opset < 18:
-        raise ValueError(f"opset: expected >= 18 (torch.onnx dynamo exporter), got {opset}")
+        raise InputError(f"opset: expected >= 18 (torch.onnx dynamo exporter), got {opset}")
     clash = set(input_names) & set(output_names)
     if clash:
         raise ValueError(

@@ -43,6 +43,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from toolkit.errors import InputError
 from toolkit.export.onnx_io import biases_to_fp16, compact, gemm_to_matmul, rename_inputs
 
 Feeds = dict[str, np.ndarray]
@@ -162,7 +163,7 @@ def quantize_model(
                     op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                 )
             else:
-                raise ValueError(
+                raise InputError(
                     f"quantization method: expected 'dynamic' or 'static', got {setting.method!r}"
                 )
         quantized = _parameter_names(onnx.load(str(dst)))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit.errors import InputError
 from toolkit.layers import max_useful_rank
 
 
@@ -46,7 +47,7 @@ def allocate_budget(items: Mapping[str, BudgetItem], budget: int) -> dict[str, i
     cost = {n: it.out_features + it.in_features for n, it in items.items()}
     spent = sum(cost.values())
     if spent > budget:
-        raise ValueError(
+        raise InputError(
             f"budget: expected at least {spent} parameters (rank 1 in every layer), got {budget}"
         )
     gains: dict[str, list[float]] = {}

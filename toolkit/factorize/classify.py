@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from toolkit.errors import InputError
 from toolkit.factorize.hf import last_hidden, mean_pool, tokenize
 from toolkit.layers import FactorizedMixin, factorized_modules
 
@@ -38,15 +39,15 @@ def read_text_csv(path: str | Path) -> tuple[list[str], list[str]]:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         if "text" not in cols or "label" not in cols:
-            raise ValueError(f"{p}: expected columns 'text' and 'label', got {cols}")
+            raise InputError(f"{p}: expected columns 'text' and 'label', got {cols}")
         texts, labels = [], []
         for i, row in enumerate(reader, start=2):
             if not (row["text"] or "").strip():
-                raise ValueError(f"{p}:{i}: expected a non-empty text, got an empty one")
+                raise InputError(f"{p}:{i}: expected a non-empty text, got an empty one")
             texts.append(row["text"])
             labels.append((row["label"] or "").strip())
     if not texts:
-        raise ValueError(f"{p}: expected at least one row, got none")
+        raise InputError(f"{p}: expected at least one row, got none")
     return texts, labels
 
 
@@ -107,12 +108,12 @@ def fine_tune_classifier(
     from toolkit.optim import HessianFree
 
     if len(texts) != len(labels) or not texts:
-        raise ValueError(
+        raise InputError(
             f"expected as many labels as texts (at least one), got {len(texts)} texts, {len(labels)} labels"
         )
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"labels: expected at least 2 classes, got {names}")
+        raise InputError(f"labels: expected at least 2 classes, got {names}")
     y = torch.tensor([names.index(lab) for lab in labels])  # (N,)
     enc = tokenize(tok, texts, max_length)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -169,7 +170,7 @@ def accuracy(
     """
     unknown = sorted(set(labels) - set(names))
     if unknown:
-        raise ValueError(f"labels: expected classes seen in training {list(names)}, got {unknown}")
+        raise InputError(f"labels: expected classes seen in training {list(names)}, got {unknown}")
     enc = tokenize(tok, texts, max_length)
     y = torch.tensor([list(names).index(lab) for lab in labels])
     return _accuracy(model, enc["input_ids"], enc["attention_mask"], y)
@@ -218,7 +219,7 @@ def load_classifier(path: str | Path) -> tuple[SentenceClassifier, Any, list[str
     meta = json.loads((p / "classifier.json").read_text())
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise ValueError(
+        raise InputError(
             f"{p / 'classifier.json'}: labels: expected a list of at least 2 strings, got {labels!r}"
         )
     encoder, tok = load_factorized_hf(p)
@@ -227,7 +228,7 @@ def load_classifier(path: str | Path) -> tuple[SentenceClassifier, Any, list[str
         model.head.load_state_dict(load_file(str(p / "classifier.safetensors")), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
-        raise ValueError(
+        raise InputError(
             f"{p / 'classifier.safetensors'}: expected a head of {len(labels)} labels, got {first}"
         ) from None
     model.eval()

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.factorize.budget import BudgetItem, allocate_budget
 from toolkit.factorize.refit import RefitOptions, refit_layer, relative_error
 from toolkit.factorize.report import FactorizeReport, LayerReport
@@ -38,7 +39,7 @@ def dense_layers(model: nn.Module, include: str | None = None) -> dict[str, nn.M
     try:
         pattern = re.compile(include) if include is not None else None
     except re.error as exc:
-        raise ValueError(f"include: expected a regular expression, got {include!r} ({exc})") from exc
+        raise InputError(f"include: expected a regular expression, got {include!r} ({exc})") from exc
     inside = {n for n, m in model.named_modules() if isinstance(m, FactorizedMixin)}
     out: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
@@ -66,23 +67,23 @@ def _check_rule(rank: Any, ratio: Any, energy: Any, budget: Any) -> dict[str, An
         if v is not None
     }
     if len(given) != 1:
-        raise ValueError(
+        raise InputError(
             f"expected exactly one of rank, ratio, energy, budget; got {sorted(given) or 'none'}"
         )
     if isinstance(rank, Mapping):
         bad = {k: v for k, v in rank.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
         if bad:
-            raise ValueError(f"rank: expected layer name -> integer >= 0 (0 keeps it dense), got {bad!r}")
+            raise InputError(f"rank: expected layer name -> integer >= 0 (0 keeps it dense), got {bad!r}")
     elif rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank: expected an integer >= 1, got {rank!r}")
+        raise InputError(f"rank: expected an integer >= 1, got {rank!r}")
     if ratio is not None and not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
-        raise ValueError(f"ratio: expected a number in (0, 1], got {ratio!r}")
+        raise InputError(f"ratio: expected a number in (0, 1], got {ratio!r}")
     if energy is not None and not (isinstance(energy, int | float) and 0.0 < energy <= 1.0):
-        raise ValueError(f"energy: expected a number in (0, 1], got {energy!r}")
+        raise InputError(f"energy: expected a number in (0, 1], got {energy!r}")
     if budget is not None and not (
         isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0
     ):
-        raise ValueError(f"budget: expected a share in (0, 1] or a parameter count > 1, got {budget!r}")
+        raise InputError(f"budget: expected a share in (0, 1] or a parameter count > 1, got {budget!r}")
     return given
 
 
@@ -132,15 +133,15 @@ def factorize_module(
     """
     given = _check_rule(rank, ratio, energy, budget)
     if method not in METHODS:
-        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+        raise InputError(f"method: expected one of {list(METHODS)}, got {method!r}")
     batches = as_batches(calibration)
     if batches is None and (method == "asvd" or refit):
-        raise ValueError(
+        raise InputError(
             f"{'method asvd' if method == 'asvd' else 'refit'} needs calibration batches, got none"
         )
     layers = dense_layers(model, include)
     if not layers:
-        raise ValueError(
+        raise InputError(
             f"include: expected a pattern selecting Linear/Conv2d/Embedding layers, got {include!r} (none match)"
         )
     report = FactorizeReport(method=method, rule=given)

@@ -12,6 +12,8 @@ import random
 import re
 from collections.abc import Sequence
 
+from toolkit.errors import InputError
+
 _WS = re.compile(r"\s+")
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -53,7 +55,7 @@ def split_sentences(sentences: list[str], held_out: int) -> tuple[list[str], lis
         ValueError: when fewer than ``held_out`` + 1 sentences are given.
     """
     if not 0 < held_out < len(sentences):
-        raise ValueError(f"held_out: expected in [1, {len(sentences) - 1}], got {held_out}")
+        raise InputError(f"held_out: expected in [1, {len(sentences) - 1}], got {held_out}")
     return sentences[:-held_out], sentences[-held_out:]
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
+
 
 def fine_tune_hessian_free(
     model: nn.Module,
@@ -37,7 +39,7 @@ def fine_tune_hessian_free(
     from toolkit.optim import HessianFree
 
     if steps < 0 or batch_size < 1:
-        raise ValueError(f"expected steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+        raise InputError(f"expected steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
     n = int(targets.shape[0])
     g = torch.Generator().manual_seed(seed)
     opt = HessianFree(model, loss_fn, **hf_options)

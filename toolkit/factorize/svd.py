@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.layers import (
     FactorizedConv2d,
     FactorizedEmbedding,
@@ -89,7 +90,7 @@ def svd_factors(
         ValueError: for a rank outside [1, min(out, n)].
     """
     if not 1 <= rank <= min(matrix.shape):
-        raise ValueError(f"expected rank in [1, {min(matrix.shape)}], got {rank}")
+        raise InputError(f"expected rank in [1, {min(matrix.shape)}], got {rank}")
     return balanced_svd_factors(matrix, rank, scale)
 
 

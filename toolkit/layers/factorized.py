@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.layers.rank import choose_rank
 
 
@@ -71,7 +72,7 @@ def check_conv2d(layer: nn.Conv2d) -> int:
         or not isinstance(layer.padding, tuple)
         or len(set(layer.padding)) != 1
     ):
-        raise ValueError(
+        raise InputError(
             "expected a Conv2d with a square kernel, equal strides and paddings, groups=1 and dilation=1, "
             f"got kernel={layer.kernel_size} stride={layer.stride} padding={layer.padding} "
             f"groups={layer.groups} dilation={layer.dilation}"
@@ -143,7 +144,7 @@ class FactorizedLinear(FactorizedMixin, nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"expected rank in [1, {min(in_features, out_features)}], got {rank}")
+            raise InputError(f"expected rank in [1, {min(in_features, out_features)}], got {rank}")
         self.in_features, self.out_features = in_features, out_features
         self.V = nn.Linear(in_features, rank, bias=False)
         self.U = nn.Linear(rank, out_features, bias=bias)
@@ -247,7 +248,7 @@ class FactorizedConv2d(FactorizedMixin, nn.Module):
         super().__init__()
         full = min(out_channels, in_channels * kernel_size * kernel_size)
         if not 1 <= rank <= full:
-            raise ValueError(f"expected rank in [1, {full}], got {rank}")
+            raise InputError(f"expected rank in [1, {full}], got {rank}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.V = nn.Conv2d(in_channels, rank, kernel_size, stride=stride, padding=padding, bias=False)
@@ -363,7 +364,7 @@ class FactorizedEmbedding(FactorizedMixin, nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int) -> None:
         super().__init__()
         if not 1 <= rank <= min(num_embeddings, embedding_dim):
-            raise ValueError(f"expected rank in [1, {min(num_embeddings, embedding_dim)}], got {rank}")
+            raise InputError(f"expected rank in [1, {min(num_embeddings, embedding_dim)}], got {rank}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.V = nn.Embedding(num_embeddings, rank)
         self.U = nn.Linear(rank, embedding_dim, bias=False)

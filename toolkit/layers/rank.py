@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from toolkit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch  # only rank_for_energy needs it: imported there, so spec checks stay torch-free
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,16 @@ def max_useful_rank(out_features: int, in_features: int) -> int:
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     """Rank whose factor parameters r·(out+in) are at most ``ratio`` of the dense out·in (at least 1)."""
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"expected ratio in (0, 1], got {ratio}")
+        raise InputError(f"expected ratio in (0, 1], got {ratio}")
     return max(1, math.floor(ratio * out_features * in_features / (out_features + in_features)))
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep at least ``energy`` of the total σ² energy."""
+    import torch
+
     if not 0.0 < energy <= 1.0:
-        raise ValueError(f"expected energy in (0, 1], got {energy}")
+        raise InputError(f"expected energy in (0, 1], got {energy}")
     s2 = singular_values.double().pow(2)
     total = float(s2.sum())
     if total == 0.0:
@@ -82,11 +88,11 @@ def choose_rank(
     """
     given = [name for name, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"expected exactly one of rank, ratio, energy; got {given or 'none'}")
+        raise InputError(f"expected exactly one of rank, ratio, energy; got {given or 'none'}")
     full = min(out_features, in_features)
     if rank is not None:
         if rank < 1 or rank > full:
-            raise ValueError(f"expected rank in [1, min(out, in) = {full}], got {rank}")
+            raise InputError(f"expected rank in [1, min(out, in) = {full}], got {rank}")
         r = rank
     elif ratio is not None:
         r = min(full, rank_for_ratio(out_features, in_features, ratio))

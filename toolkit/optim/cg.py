@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from toolkit.errors import InputError
+
 
 @dataclass
 class CGResult:
@@ -81,7 +83,7 @@ def conjugate_gradient(
     if b.dim() != 1:
         raise ValueError(f"b: expected a vector, got shape {tuple(b.shape)}")
     if max_iters < 1 or min_iters < 0 or tol < 0 or grid <= 1:
-        raise ValueError(
+        raise InputError(
             f"expected max_iters >= 1, min_iters >= 0, tol >= 0, grid > 1, got {max_iters}, {min_iters}, {tol}, {grid}"
         )
     for name, t in (("x0", x0), ("preconditioner", preconditioner)):

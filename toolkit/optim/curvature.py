@@ -27,6 +27,7 @@ import torch
 from torch.func import grad, jvp, linearize, vjp
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from toolkit.errors import InputError
 from toolkit.optim.distributed import mean_across
 
 CurvatureKind = Literal["ggn", "hessian", "fisher"]
@@ -106,9 +107,9 @@ def curvature_operator(
         ValueError: unknown ``kind`` or ``jvp_mode``.
     """
     if kind not in CURVATURES:
-        raise ValueError(f"curvature: expected one of {list(CURVATURES)}, got {kind!r}")
+        raise InputError(f"curvature: expected one of {list(CURVATURES)}, got {kind!r}")
     if jvp_mode not in JVP_MODES:
-        raise ValueError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
+        raise InputError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
     theta = theta.detach()
     reduce = mean_across if average else (lambda t: t)
 

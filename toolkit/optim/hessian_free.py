@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from toolkit.errors import InputError
 from toolkit.layers import factorized_modules
 from toolkit.optim.cg import conjugate_gradient
 from toolkit.optim.curvature import CURVATURES, JVP_MODES, curvature_operator
@@ -92,7 +93,7 @@ def _check(name: str, value: float, low: float, high: float = math.inf, low_open
     ok = (value > low if low_open else value >= low) and value <= high
     if not ok or isinstance(value, bool) or not isinstance(value, (int, float)):
         side = "(" if low_open else "["
-        raise ValueError(f"{name}: expected a number in {side}{low}, {high}], got {value!r}")
+        raise InputError(f"{name}: expected a number in {side}{low}, {high}], got {value!r}")
 
 
 class HessianFree(torch.optim.Optimizer):
@@ -167,11 +168,11 @@ class HessianFree(torch.optim.Optimizer):
                 f"loss_fn: expected a callable (outputs, targets) -> loss, got {type(loss_fn).__name__}"
             )
         if curvature not in CURVATURES:
-            raise ValueError(f"curvature: expected one of {list(CURVATURES)}, got {curvature!r}")
+            raise InputError(f"curvature: expected one of {list(CURVATURES)}, got {curvature!r}")
         if curvature_sampling not in ("cycle", "random"):
-            raise ValueError(f"curvature_sampling: expected 'cycle' or 'random', got {curvature_sampling!r}")
+            raise InputError(f"curvature_sampling: expected 'cycle' or 'random', got {curvature_sampling!r}")
         if jvp_mode not in JVP_MODES:
-            raise ValueError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
+            raise InputError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
         for name, value, low, high, open_ in (
             ("damping", damping, 0.0, math.inf, True),
             ("cg_max_iters", cg_max_iters, 1, math.inf, False),
@@ -372,7 +373,7 @@ class HessianFree(torch.optim.Optimizer):
         ):
             raise TypeError(f"inputs: expected a tuple of tensors, got {type(inputs).__name__}")
         if (curvature_inputs is None) != (curvature_targets is None):
-            raise ValueError("expected both curvature_inputs and curvature_targets, or neither")
+            raise InputError("expected both curvature_inputs and curvature_targets, or neither")
         hp = self.defaults
         g_state = self._global()
         lam = float(g_state["damping"])

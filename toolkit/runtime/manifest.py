@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.errors import InputError
+
 FORMAT = "rlhf-export"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -89,8 +91,8 @@ class Manifest:
         return sorted(names, key=lambda v: (v != "fp32", v))
 
 
-def _fail(where: str, expected: str, got: Any) -> ValueError:
-    return ValueError(f"invalid manifest, {where}: expected {expected}, got {got!r}")
+def _fail(where: str, expected: str, got: Any) -> InputError:
+    return InputError(f"invalid manifest, {where}: expected {expected}, got {got!r}")
 
 
 def _tensor(obj: Any, where: str) -> TensorInfo:
@@ -193,7 +195,7 @@ def read_manifest(export_dir: str | os.PathLike[str]) -> Manifest:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid manifest {path}: not JSON ({exc})") from None
+        raise InputError(f"invalid manifest {path}: not JSON ({exc})") from None
     return parse_manifest(doc)
 
 
@@ -204,16 +206,16 @@ def safe_path(root: str | os.PathLike[str], rel: str) -> Path:
         ValueError: ``rel`` is absolute, contains ``..``, or resolves (through symlinks) outside ``root``.
     """
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
-        raise ValueError(
+        raise InputError(
             f"manifest path {rel!r} is absolute: expected a path relative to the export directory"
         )
     parts = rel.replace("\\", "/").split("/")
     if ".." in parts:
-        raise ValueError(f"manifest path {rel!r} contains '..': expected a path inside the export directory")
+        raise InputError(f"manifest path {rel!r} contains '..': expected a path inside the export directory")
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:
-        raise ValueError(f"manifest path {rel!r} resolves to {target}, outside the export directory {base}")
+        raise InputError(f"manifest path {rel!r} resolves to {target}, outside the export directory {base}")
     return target
 
 
@@ -242,7 +244,7 @@ def read_verified(root: str | os.PathLike[str], entry: FileEntry) -> bytes:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != entry.bytes or digest != entry.sha256:
-        raise ValueError(
+        raise InputError(
             f"{entry.file}: sha256 mismatch, expected {entry.sha256} ({entry.bytes} bytes), "
             f"got {digest} ({len(data)} bytes); the file was modified after export, refusing to load it"
         )
@@ -266,7 +268,7 @@ def verified_path(root: str | os.PathLike[str], entry: FileEntry) -> tuple[Path,
     before = path.stat()
     digest = sha256_file(path)
     if before.st_size != entry.bytes or digest != entry.sha256:
-        raise ValueError(
+        raise InputError(
             f"{entry.file}: sha256 mismatch, expected {entry.sha256} ({entry.bytes} bytes), "
             f"got {digest} ({before.st_size} bytes); the file was modified after export, refusing to load it"
         )

@@ -8,6 +8,8 @@ from typing import Any
 
 import onnxruntime as ort
 
+from toolkit.errors import InputError
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -51,11 +53,11 @@ class SessionConfig:
             ValueError: unknown optimization level or negative thread count.
         """
         if self.optimization not in _OPT_LEVELS:
-            raise ValueError(
+            raise InputError(
                 f"optimization level: expected one of {list(_OPT_LEVELS)}, got {self.optimization!r}"
             )
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ValueError(
+            raise InputError(
                 f"thread counts: expected >= 0, got intra={self.intra_op_threads} inter={self.inter_op_threads}"
             )
         so = ort.SessionOptions()
@@ -88,10 +90,10 @@ def resolve_providers(providers: str | Sequence[str]) -> list[str]:
     else:
         wanted = list(providers)
     if not wanted:
-        raise ValueError("providers: expected 'auto', 'cpu', 'cuda' or a non-empty list, got []")
+        raise InputError("providers: expected 'auto', 'cpu', 'cuda' or a non-empty list, got []")
     missing = [p for p in wanted if p not in available]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"execution provider {missing} not available in this onnxruntime build: expected one of {available}"
         )
     return wanted

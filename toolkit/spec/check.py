@@ -12,8 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from toolkit import limits
 from toolkit.layers.rank import choose_rank
 from toolkit.spec.errors import Loc, Problem, SpecError, format_path, suggest
 from toolkit.spec.ops import OPS, PARAM_KEYS, REQUIRED, OpError, Shape, TensorInfo, dense_map_shape, node_cost
@@ -24,12 +23,83 @@ if TYPE_CHECKING:
 Issue = tuple[Loc, str]
 BYTES_PER_PARAM = 4  # float32
 
-# node ids become attribute names of the stage modules: keep clear of nn.Module's own attributes
-RESERVED_IDS = frozenset(name for name in dir(nn.Module) if not name.startswith("__")) | {
-    "input_names",
-    "output_names",
-    "node_ids",
-}
+# node ids become attribute names of the stage modules: keep clear of nn.Module's own attributes.
+# Written out so checking a spec needs no torch; tests/spec checks it covers dir(torch.nn.Module).
+NN_MODULE_ATTRIBUTES = frozenset(
+    (
+        "T_destination",
+        "_apply",
+        "_call_impl",
+        "_compiled_call_impl",
+        "_get_backward_hooks",
+        "_get_backward_pre_hooks",
+        "_get_name",
+        "_load_from_state_dict",
+        "_maybe_warn_non_full_backward_hook",
+        "_named_members",
+        "_register_load_state_dict_pre_hook",
+        "_register_state_dict_hook",
+        "_replicate_for_data_parallel",
+        "_save_to_state_dict",
+        "_slow_forward",
+        "_version",
+        "_wrapped_call_impl",
+        "add_module",
+        "apply",
+        "bfloat16",
+        "buffers",
+        "call_super_init",
+        "children",
+        "compile",
+        "cpu",
+        "cuda",
+        "double",
+        "dump_patches",
+        "eval",
+        "extra_repr",
+        "float",
+        "forward",
+        "get_buffer",
+        "get_extra_state",
+        "get_parameter",
+        "get_submodule",
+        "half",
+        "ipu",
+        "load_state_dict",
+        "modules",
+        "mtia",
+        "named_buffers",
+        "named_children",
+        "named_modules",
+        "named_parameters",
+        "parameters",
+        "register_backward_hook",
+        "register_buffer",
+        "register_forward_hook",
+        "register_forward_pre_hook",
+        "register_full_backward_hook",
+        "register_full_backward_pre_hook",
+        "register_load_state_dict_post_hook",
+        "register_load_state_dict_pre_hook",
+        "register_module",
+        "register_parameter",
+        "register_state_dict_post_hook",
+        "register_state_dict_pre_hook",
+        "requires_grad_",
+        "set_extra_state",
+        "set_submodule",
+        "share_memory",
+        "smart_apply",  # added to nn.Module by transformers
+        "state_dict",
+        "to",
+        "to_empty",
+        "train",
+        "type",
+        "xpu",
+        "zero_grad",
+    )
+)
+RESERVED_IDS = NN_MODULE_ATTRIBUTES | {"input_names", "output_names", "node_ids"}
 
 
 @dataclass(frozen=True)
@@ -132,21 +202,34 @@ def _find_cycles(nodes: dict[str, NodeSpec], left: list[str]) -> list[list[str]]
 
 
 def _partition_count(costs: list[int], count: int) -> list[int]:
-    """Split points of a sequence into ``count`` contiguous non-empty chunks minimising the largest sum."""
+    """Split points of a sequence into ``count`` contiguous non-empty chunks minimising the largest sum.
+
+    The dynamic programme best[k][j] = min over i of max(best[k-1][i], sum(i..j)), taking the
+    smallest such i. best[k-1] is nondecreasing in i and sum(i..j) strictly decreasing, so the
+    minimum sits where the two cross, and that crossing moves right as j grows: one pointer per k
+    finds it, O(count·n) instead of O(count·n²). (tests/spec checks it against the plain programme.)
+    """
     n = len(costs)
     prefix = [0]
     for c in costs:
         prefix.append(prefix[-1] + c + 1)  # +1: balance node counts when costs tie (e.g. activations)
     inf = math.inf
-    best = [[inf] * (n + 1) for _ in range(count + 1)]
+    best: list[list[float]] = [[inf] * (n + 1) for _ in range(count + 1)]
     cut = [[0] * (n + 1) for _ in range(count + 1)]
     best[0][0] = 0
     for k in range(1, count + 1):
+        prev, row, cuts = best[k - 1], best[k], cut[k]
+        c = k - 1  # first i where prev[i] >= prefix[j] - prefix[i]
         for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1][i], prefix[j] - prefix[i])
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
+            while c < j and prev[c] < prefix[j] - prefix[c]:
+                c += 1
+            if c == j:  # the chunk sum dominates everywhere: the last candidate is the best
+                i = j - 1
+            elif c > k - 1 and prefix[j] - prefix[c - 1] <= prev[c]:
+                i = c - 1
+            else:
+                i = c
+            row[j], cuts[j] = max(prev[i], prefix[j] - prefix[i]), i
     bounds, j = [], n
     for k in range(count, 0, -1):
         bounds.append(j)
@@ -229,7 +312,13 @@ def check_graph(
         issues.append((("nodes", index[cyc[0]], "in"), f"cycle: {' -> '.join(cyc)}"))
 
     # shapes and factorizations, in topological order
-    infos: dict[str, TensorInfo] = {name: (tuple(s.shape), s.dtype) for name, s in inputs.items()}
+    infos: dict[str, TensorInfo] = {}
+    for name, spec_in in inputs.items():
+        too_big = limits.over("max_tensor_elements", limits.numel(spec_in.shape), f"input '{name}'")
+        if too_big:
+            issues.append((("inputs", name, "shape"), too_big))
+        else:
+            infos[name] = (tuple(spec_in.shape), spec_in.dtype)
     plans: dict[str, RankPlan] = {}
     vocab: dict[str, int] = {}
     notes: list[Issue] = []
@@ -250,10 +339,16 @@ def check_graph(
             )
             continue
         try:
-            infos[nid] = op.infer(node, in_infos)
+            out_info = op.infer(node, in_infos)
         except OpError as exc:
             issues.append((("nodes", i, exc.key), str(exc)))
             continue
+        blame = _size_key(node, in_infos[0][0])
+        too_big = limits.over("max_tensor_elements", limits.numel(out_info[0]), f"the output of node '{nid}'")
+        if too_big:
+            issues.append((("nodes", i, blame), too_big))
+            continue  # nodes downstream of it are not checked further
+        infos[nid] = out_info
         in_shape = in_infos[0][0]
         plan = None
         if op.factorizable:
@@ -281,6 +376,13 @@ def check_graph(
             plans[nid] = plan
         rank = plan.rank if plan is not None and plan.kind == "rank" else None
         param_count[nid] = node_cost(node.op, node, in_shape, infos[nid][0], rank, vocab.get(nid))[0]
+        too_big = limits.over("max_node_params", param_count[nid], f"node '{nid}'")
+        if too_big:
+            issues.append((("nodes", i, blame), too_big))
+    total = sum(param_count.values())
+    too_big = limits.over("max_model_params", total, "the model")
+    if too_big and not any("max_node_params" in msg for _, msg in issues):
+        issues.append((("nodes",), too_big))
 
     # outputs
     if outputs is not None:
@@ -302,6 +404,20 @@ def check_graph(
         analysis.stages = stage_lists
         _crossings(analysis, by_id, outputs or [])
     return analysis, issues
+
+
+def _size_key(node: NodeSpec, in_shape: Shape) -> str:
+    """The field to blame for a node's size: ``out`` when the op has one and it is the largest
+    factor, ``vocab`` for a large explicit vocabulary, ``shape`` for reshape, else ``in``."""
+    op = OPS[node.op]
+    if node.op == "reshape":
+        return "shape"
+    widest_in = max(in_shape, default=0)
+    if node.op == "embedding" and node.vocab is not None and node.vocab >= (node.out or 0):
+        return "vocab"
+    if "out" in op.params and node.out is not None and node.out >= widest_in:
+        return "out"
+    return "in"
 
 
 def _plan(
@@ -390,6 +506,14 @@ def _stage_lists(
     rule = stages.auto
     costs = [param_count.get(nid, 0) * BYTES_PER_PARAM for nid in order]
     if rule.count is not None:
+        if rule.count > limits.MAX_AUTO_STAGES:
+            issues.append(
+                (
+                    ("stages", "auto", "count"),
+                    f"count {rule.count} is over the limit MAX_AUTO_STAGES = {limits.MAX_AUTO_STAGES}",
+                )
+            )
+            return None
         if rule.count > len(order):
             issues.append(
                 (

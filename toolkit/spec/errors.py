@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from toolkit.errors import InputError
+
 Loc = tuple[str | int, ...]
 
 
@@ -44,11 +46,24 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return one_line(text)
 
 
-class SpecError(ValueError):
-    """A spec is invalid; ``problems`` lists every problem found, ``str()`` gives one line each."""
+# what str.splitlines() splits on: a key or value holding one must not break "one line per problem"
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line break escaped (``\\n``, ``\\x85``...), so it prints as one line."""
+    return text.translate(_LINE_BREAKS)
+
+
+class SpecError(InputError):
+    """A spec is invalid; ``problems`` lists every problem found, ``str()`` gives one line each.
+
+    An :class:`~toolkit.errors.InputError` (hence a ValueError): the CLI prints it with exit code 2.
+    """
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems: list[Problem] = list(problems)

@@ -13,13 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolkit.errors import InputError
+
 Shape = tuple[int, ...]
 TensorInfo = tuple[Shape, str]  # (shape without batch axis, dtype)
 
 REQUIRED = object()  # marker: the op needs this parameter
 
 
-class OpError(ValueError):
+class OpError(InputError):
     """Shape inference failed; ``key`` is the node field to blame (``in``, ``axis``, ...)."""
 
     def __init__(self, message: str, key: str = "in") -> None:

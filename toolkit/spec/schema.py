@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, WithJsonSchema, field_validator, model_serializer, model_validator
 
+from toolkit.errors import InputError
 from toolkit.spec._base import StrictModel
 from toolkit.spec.ops import OPS
 from toolkit.spec.train_config import TrainConfig
@@ -203,10 +204,10 @@ def parse_bytes(value: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"expected a size like 2000000, '512KB' or '2MB', got {value!r}")
+            raise InputError(f"expected a size like 2000000, '512KB' or '2MB', got {value!r}")
         size = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if size < 1:
-        raise ValueError(f"expected a positive size, got {value!r}")
+        raise InputError(f"expected a positive size, got {value!r}")
     return int(size)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from toolkit.checkpoint import CKPT_DIR, load_model, save_checkpoint
 from toolkit.data import Split, Splits, load_data
+from toolkit.errors import InputError
 from toolkit.train.loop import FitSetup, Progress, TrainResult, count_params, fit
 from toolkit.train.losses import get_loss
 from toolkit.train.metrics import evaluate
@@ -127,14 +128,14 @@ def train_layerwise(
     t_model.to(dtype=dtype)
     student = build_model(spec, seed=cfg.seed).to(dev, dtype)
     if len(t_model.stages) != len(student.stages):
-        raise ValueError(
+        raise InputError(
             f"--teacher {teacher}: expected {len(student.stages)} stages like the spec, got {len(t_model.stages)}"
         )
     s_stages: list[Any] = list(student.stages)
     t_stages: list[Any] = list(t_model.stages)
     for k, (s, t) in enumerate(zip(s_stages, t_stages)):
         if (s.input_names, s.output_names, s.node_ids) != (t.input_names, t.output_names, t.node_ids):
-            raise ValueError(f"--teacher {teacher}: stage {k}: expected nodes {s.node_ids}, got {t.node_ids}")
+            raise InputError(f"--teacher {teacher}: stage {k}: expected nodes {s.node_ids}, got {t.node_ids}")
     _write_json(run / "run.json", {"layerwise": True, "teacher": str(teacher), "device": str(dev)})
     import yaml
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from toolkit.checkpoint import CKPT_DIR, prune_checkpoints, save_checkpoint
 from toolkit.data import Splits, batch_order, curvature_subset, shard_batch
+from toolkit.errors import InputError
 from toolkit.train import distributed as D
 from toolkit.train.losses import get_loss
 from toolkit.train.metrics import MetricsLog, evaluate, rank_metrics, to_tensors
@@ -147,7 +148,7 @@ def fit(
     spe = len(batch_order(n, cfg.batch_size, cfg.seed, 0))
     batch = max(1, min(cfg.batch_size, n))
     if batch % world.size:
-        raise ValueError(f"train.batch_size: expected a multiple of the {world.size} processes, got {batch}")
+        raise InputError(f"train.batch_size: expected a multiple of the {world.size} processes, got {batch}")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * spe
     if setup.max_steps is not None:
         total = min(total, setup.max_steps)

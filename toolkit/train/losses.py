@@ -13,13 +13,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from toolkit.errors import InputError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _as_output(outputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     if isinstance(outputs, tuple):
         if len(outputs) != 1:
-            raise ValueError(f"expected a model with one output for training, got {len(outputs)}")
+            raise InputError(f"expected a model with one output for training, got {len(outputs)}")
         return outputs[0]
     return outputs
 
@@ -67,7 +69,7 @@ def get_loss(name: str) -> LossFn:
         ValueError: for an unknown name.
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
+        raise InputError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
     return LOSSES[name]
 
 

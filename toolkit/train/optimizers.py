@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import InputError
 from toolkit.train import distributed as D
 from toolkit.train.losses import LossFn
 
@@ -92,7 +93,7 @@ class FirstOrder(Stepper):
         elif cfg.name == "lbfgs":
             self.opt = torch.optim.LBFGS(params, lr=cfg.lr or 1.0, max_iter=10, line_search_fn="strong_wolfe")
         else:
-            raise ValueError(f"unknown first-order optimizer {cfg.name!r}; known: adam, sgd, lbfgs")
+            raise InputError(f"unknown first-order optimizer {cfg.name!r}; known: adam, sgd, lbfgs")
 
     def _objective(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
         loss = self._loss(inputs, targets)
@@ -164,7 +165,7 @@ class HessianFreeStepper(Stepper):
         try:
             from toolkit.optim import HessianFree
         except ImportError as exc:
-            raise ValueError(
+            raise InputError(
                 "optimizer 'hessian_free': toolkit.optim is not available in this build; "
                 "use optimizer.name adam, sgd or lbfgs"
             ) from exc
@@ -227,7 +228,7 @@ def make_stepper(
         ValueError: an unknown optimizer, or hessian_free without toolkit.optim.
     """
     if not params:
-        raise ValueError("expected at least one trainable parameter, got none")
+        raise InputError("expected at least one trainable parameter, got none")
     if cfg.name == "hessian_free":
         return HessianFreeStepper(model, loss_fn, params, cfg, all_params)
     return FirstOrder(model, loss_fn, params, cfg)

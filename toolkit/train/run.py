@@ -24,6 +24,7 @@ import yaml
 
 from toolkit.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint, load_model
 from toolkit.data import Splits, load_data
+from toolkit.errors import InputError
 from toolkit.fsio import atomic_write_bytes
 from toolkit.train import distributed as D
 from toolkit.train.loop import FitSetup, Progress, TrainResult, count_params, fit
@@ -42,20 +43,20 @@ def pick_device(requested: str | None, cfg_device: str = "auto") -> torch.device
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from exc
+        raise InputError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: expected an available device, got {name!r} but CUDA is not available")
+        raise InputError(f"--device: expected an available device, got {name!r} but CUDA is not available")
     return dev
 
 
 def _prepare_dir(run_dir: Path, overwrite: bool, world: D.World) -> None:
     if world.is_main and run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ValueError(
+            raise InputError(
                 f"run directory {run_dir} already exists: pass --overwrite to replace it or --resume to continue it"
             )
         if not (run_dir / "run.json").is_file():
-            raise ValueError(
+            raise InputError(
                 f"run directory {run_dir}: refusing to delete a directory without run.json (not a run directory)"
             )
         shutil.rmtree(run_dir)
@@ -74,7 +75,7 @@ def _output_size(model: Any, splits: Splits, names: list[str], dev: torch.device
         out = model(*x)
     if isinstance(out, tuple):
         if len(out) != 1:
-            raise ValueError(f"training needs a spec with one output, got {len(out)}")
+            raise InputError(f"training needs a spec with one output, got {len(out)}")
         out = out[0]
     return int(out.shape[-1])
 
@@ -132,13 +133,13 @@ def train(
         if last:
             try:
                 ckpt = load_checkpoint(last[-1])
-            except ValueError as exc:
+            except InputError as exc:
                 prev = (
                     f"; the previous checkpoint {last[-2]} is intact: delete the corrupted one to resume from it"
                     if len(last) > 1
                     else ""
                 )
-                raise ValueError(f"{exc}{prev}") from exc
+                raise InputError(f"{exc}{prev}") from exc
             resume_state = ckpt.state
     elif not hasattr(spec, "train"):
         spec = load_spec(spec)
@@ -171,7 +172,7 @@ def train(
     if stage is not None:
         n_stages = len(model.stages)
         if not 0 <= stage < n_stages:
-            raise ValueError(f"--stage: expected a stage index in [0, {n_stages}), got {stage}")
+            raise InputError(f"--stage: expected a stage index in [0, {n_stages}), got {stage}")
         for i, st in enumerate(model.stages):
             st.requires_grad_(i == stage)
         params = list(model.stages[stage].parameters())
