@@ -212,7 +212,8 @@ def _torch_eager(model_path: str, threads: int) -> Any:
     "--model",
     "model_path",
     default=None,
-    help="Run dir or checkpoint for torch eager (default: the export's source).",
+    help="Run dir or checkpoint for torch eager (default: the manifest's source, when it is a "
+    "relative path inside the export directory).",
 )
 @click.option(
     "--seconds", type=float, default=0.5, show_default=True, help="Time per configuration and batch."
@@ -237,7 +238,15 @@ def bench(
     if any(b < 1 for b in batches):
         raise ValueError(f"--batch: expected positive batch sizes, got {list(batches)}")
     manifest = read_manifest(export_dir)
-    source = model_path or manifest.raw.get("source")
+    source: str | Path | None = model_path  # a path the user passes is theirs to choose
+    if source is None:
+        from toolkit.errors import InputError
+        from toolkit.runtime.manifest import source_path
+
+        try:
+            source = source_path(export_dir, manifest)
+        except InputError as exc:  # never follow a manifest out of its directory
+            click.echo(f"torch eager skipped: {exc}; pass --model PATH to compare with it", err=True)
     extra = {}
     if source and Path(source).exists():
         fn = _torch_eager(str(source), threads)
