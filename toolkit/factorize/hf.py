@@ -422,33 +422,53 @@ def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: st
 def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
     """Rebuild a model saved by ``save_factorized_hf`` (offline, no code execution): (model, tokenizer).
 
+    Nothing is allocated from the files before it is checked: the model ``config.json`` describes
+    is first built on the ``meta`` device and its size checked against ``max_model_params``
+    (``RLHF_MAX_MODEL_PARAMS``); every layer, shape and rank in ``factorize.json`` is checked
+    against that model (``report_file.planned_layers``) before any factor is allocated.
+
     Raises:
         FileNotFoundError: when ``factorize.json`` or the weights are missing.
-        ValueError: when the weights do not fit the recorded ranks.
+        InputError: a malformed factorize.json, ranks or shapes that do not fit the model, a model
+            over the parameter ceiling, or weights that do not fit the recorded ranks.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from toolkit.checkpoint import max_model_params
+    from toolkit.errors import InputError
     from toolkit.factorize.core import replace_module
+    from toolkit.factorize.report_file import planned_layers, read_report
     from toolkit.factorize.svd import build_factorized
 
     p = Path(path)
     for f in ("factorize.json", "model.safetensors", "config.json"):
         if not (p / f).is_file():
             raise FileNotFoundError(f"{p}: expected {f} of a factorized model, got none")
-    report = json.loads((p / "factorize.json").read_text())
-    model = AutoModel.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
-    for layer in report["layers"]:
-        if layer["rank"]:
-            dense = model.get_submodule(layer["name"])
-            out_f, n = layer["shape"]
-            zeros_u = torch.zeros(out_f, layer["rank"], dtype=torch.float64)
-            zeros_v = torch.zeros(layer["rank"], n, dtype=torch.float64)
-            replace_module(model, layer["name"], build_factorized(dense, zeros_u, zeros_v))  # type: ignore[arg-type]
+    report = read_report(p / "factorize.json")
+    config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    with torch.device("meta"):  # shapes only
+        planned = AutoModel.from_config(config)
+    count = sum(t.numel() for t in planned.state_dict().values())
+    ceiling = max_model_params()
+    if count > ceiling:
+        raise InputError(
+            f"{p / 'config.json'}: the model it describes has {count:,} parameters, over the limit "
+            f"max_model_params = {ceiling:,} (raise it with RLHF_MAX_MODEL_PARAMS)"
+        )
+    layers = planned_layers(report, planned, str(p / "factorize.json"))
+    del planned
+    model = AutoModel.from_config(config)
+    for layer in layers:
+        dense = model.get_submodule(layer.name)
+        out_f, n = layer.shape
+        zeros_u = torch.zeros(out_f, layer.rank, dtype=torch.float64)
+        zeros_v = torch.zeros(layer.rank, n, dtype=torch.float64)
+        replace_module(model, layer.name, build_factorized(dense, zeros_u, zeros_v))  # type: ignore[arg-type]
     try:
         model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise InputError(
             f"{p}: weights do not fit the ranks in factorize.json: {str(exc).splitlines()[0]}"
         ) from exc
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
