@@ -271,11 +271,16 @@ def export_text_onnx(
 
 
 def export_encoder(
-    model: nn.Module, tok: Any, sentences: Sequence[str], out_dir: str | Path, opset: int = 17
+    model: nn.Module,
+    tok: Any,
+    sentences: Sequence[str],
+    out_dir: str | Path,
+    opset: int = 17,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Export an encoder (``last_hidden_state``) as an export directory; see ``export_text_model``."""
     return export_text_model(
-        _EncoderForExport(model), tok, sentences, out_dir, "last_hidden_state", opset=opset
+        _EncoderForExport(model), tok, sentences, out_dir, "last_hidden_state", opset=opset, name=name
     )
 
 
@@ -288,6 +293,7 @@ def export_text_model(
     *,
     max_length: int = 64,
     opset: int = 17,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Export ``module(input_ids, attention_mask)`` as a one-stage export directory that
     ``toolkit.runtime.Executor`` and ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus
@@ -306,6 +312,8 @@ def export_text_model(
         output_name: the output's name in the ONNX file and the manifest.
         max_length: token cap for the parity sentences.
         opset: ONNX opset.
+        name: the directory's name for the manifest (default ``out_dir``'s own; pass the final
+            name when ``out_dir`` is a temporary directory swapped in later).
 
     Returns:
         The manifest document.
@@ -343,7 +351,7 @@ def export_text_model(
     checked = parity.to_dict()
     n_params = int(sum(p.numel() for p in module.parameters()))
     doc = build_manifest(
-        name=f"{out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
+        name=f"{name or out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
         opset=opset,
         inputs=ids,
         outputs=outputs,
@@ -400,6 +408,8 @@ def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: st
     """
     from safetensors.torch import save_file
 
+    from toolkit.fsio import atomic_write_bytes
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
@@ -413,9 +423,7 @@ def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: st
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out / "model.safetensors")
-    tmp_r = out / ".factorize.json.tmp"
-    tmp_r.write_text(report_json)
-    os.replace(tmp_r, out / "factorize.json")
+    atomic_write_bytes(out / "factorize.json", report_json.encode())  # fsynced, then renamed
     return out
 
 
