@@ -25,6 +25,7 @@ ORDER = [
     "optim",
     "data",
     "checkpoint",
+    "checkpoint_stream",
     "export",  # needs a model, not the training loop; writes the manifest format runtime defines
     "factorize",
     "train",  # train/deploy.py (`rlhf train --export`) drives export and runtime from above
