@@ -115,3 +115,21 @@ def test_same_result_as_the_resident_computation(tmp_path: Path) -> None:
     for name, value in want.state_dict().items():
         torch.testing.assert_close(got.state_dict()[name], value, rtol=0, atol=0)
     assert res.dense_params == sum(p.numel() for p in t_model.parameters())
+
+
+def test_streamed_weights_check_the_hash_and_read_one_prefix(tmp_path: Path) -> None:
+    from toolkit.checkpoint_stream import StreamedWeights
+
+    teacher = _teacher(tmp_path)
+    ckpt = next((teacher / "checkpoints").iterdir())
+    weights = StreamedWeights(teacher)
+    model = build_model(_spec(), seed=3, dense=True)
+    stage1 = weights.read("stages.1.")
+    assert set(stage1) == set(model.stages[1].state_dict())
+    for name, value in model.stages[1].state_dict().items():
+        torch.testing.assert_close(stage1[name], value, rtol=0, atol=0)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or truncated: SHA-256 does not match"):
+        StreamedWeights(teacher)
