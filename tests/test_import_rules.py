@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "toolkit"
 
 ORDER = [
     "errors",  # the InputError type; imports nothing
+    "limits",  # named ceilings (toolkit/limits.py, where present); stdlib + toolkit.errors
     "fsio",  # atomic writes; stdlib + toolkit.errors
     "runtime",  # manifest format + onnxruntime executor; numpy + onnxruntime (+ toolkit.errors)
     "layers",
@@ -35,6 +36,7 @@ ORDER = [
 
 ONLY = {  # packages whose allowed toolkit imports are narrower than "everything before"
     "errors": set(),
+    "limits": {"errors"},
     "fsio": {"errors"},
     "runtime": {"errors"},
 }

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from toolkit.checkpoint import INDEX, WEIGHTS, find_checkpoint
+from toolkit.errors import InputError
 
 _DTYPES = {
     "F64": torch.float64,
@@ -52,7 +53,7 @@ class StreamedWeights:
 
     Raises:
         FileNotFoundError: nothing to load.
-        ValueError: a hash mismatch, a malformed header or a file too short for its header.
+        InputError: a hash mismatch, a malformed header or a file too short for its header.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -67,7 +68,7 @@ class StreamedWeights:
                 while block := f.read(1 << 20):
                     h.update(block)
             if h.hexdigest() != index.get("files", {}).get(WEIGHTS):
-                raise ValueError(
+                raise InputError(
                     f"checkpoint {file} is corrupted or truncated: SHA-256 does not match {INDEX}"
                 )
         elif p.is_file():
@@ -80,10 +81,10 @@ class StreamedWeights:
         with open(file, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise ValueError(f"checkpoint {file} is corrupted or truncated: no safetensors header")
+                raise InputError(f"checkpoint {file} is corrupted or truncated: no safetensors header")
             (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"checkpoint {file} is corrupted or truncated: header of {n} bytes")
+                raise InputError(f"checkpoint {file} is corrupted or truncated: header of {n} bytes")
             header = json.loads(f.read(n))
         self._base = 8 + n
         md = header.pop("__metadata__", None) or {}
@@ -95,7 +96,7 @@ class StreamedWeights:
             entry = _Entry(_DTYPES[e["dtype"]], tuple(int(d) for d in e["shape"]), start, end)
             nbytes = torch.Size(entry.shape).numel() * torch.empty(0, dtype=entry.dtype).element_size()
             if end - start != nbytes or self._base + end > size:
-                raise ValueError(f"checkpoint {file} is corrupted or truncated: tensor {name}")
+                raise InputError(f"checkpoint {file} is corrupted or truncated: tensor {name}")
             self._entries[name] = entry
 
     def names(self, prefix: str = "") -> list[str]:
