@@ -60,23 +60,32 @@ def _teacher(tmp_path: Path) -> Path:
     return tmp_path / "teacher"
 
 
-def _live_stages() -> int:
+def _live_stages(exclude: frozenset[int] = frozenset()) -> int:
+    """Stage modules alive now that hold real (non-meta) parameters, other than ``exclude`` (ids of
+    stages that other tests' fixtures keep alive)."""
     gc.collect()
     return sum(
         1
         for obj in gc.get_objects()
-        if type(obj) is Stage and any(p.device.type != "meta" for p in obj.parameters())
+        if type(obj) is Stage
+        and id(obj) not in exclude
+        and any(p.device.type != "meta" for p in obj.parameters())
     )
+
+
+def _stage_ids() -> frozenset[int]:
+    gc.collect()
+    return frozenset(id(obj) for obj in gc.get_objects() if type(obj) is Stage)
 
 
 def test_one_stage_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = _teacher(tmp_path)
-    gc.collect()
+    before = _stage_ids()
     seen: list[tuple[list[str], int]] = []
     real_run = lw._run_stage
 
     def spy(stage: Any, inputs: list[np.ndarray], *args: Any, **kwargs: Any) -> Any:
-        seen.append((list(stage.input_names), _live_stages()))
+        seen.append((list(stage.input_names), _live_stages(before)))
         return real_run(stage, inputs, *args, **kwargs)
 
     def no_whole_model(*args: Any, **kwargs: Any) -> Any:
