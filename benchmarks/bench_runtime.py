@@ -561,8 +561,10 @@ def report(r: dict[str, Any], quick: bool) -> str:
         f"- streaming peak / (largest stage + activations) = {ratio:.2f} — target ≤ 1.20: "
         f"**{'met' if ratio <= 1.2 else 'NOT met'}**",
         "",
-        "Notes: the executor loads each file by path after checking its sha256 (onnxruntime then holds one copy "
-        "of the weights, plus one tensor transiently while converting it); onnxruntime's weight pre-packing, "
+        "Notes: in streaming mode the executor loads each file by path after checking its sha256 (onnxruntime "
+        "then holds one copy of the weights, plus one tensor transiently while converting it); in resident mode "
+        "it hands onnxruntime the bytes it hashed (Executor(load_from=...)), which costs more memory while a "
+        "session is created; onnxruntime's weight pre-packing, "
         "which would keep a second, packed copy of every GEMM weight, is off by default (SessionConfig(prepacking=True) "
         "turns it on).",
         "",

@@ -4,7 +4,10 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise]
+
+Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
+``--quick``) and shown in the index.
 
 ``--quick`` (tiny budgets, to check that the scripts run) writes its reports under
 runs/bench-quick/, so the recorded figures in docs/ are only ever replaced by full runs.
@@ -13,6 +16,8 @@ runs/bench-quick/, so the recorded figures in docs/ are only ever replaced by fu
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -24,7 +29,12 @@ BENCHES = {
     "optim": ("bench_optim.py", "Hessian-free vs Adam vs L-BFGS; curvature-product cost"),
     "runtime": ("bench_runtime.py", "Per-stage onnxruntime vs fused vs torch; streaming; int8"),
     "factorize": ("bench_factorize.py", "Factorizing dense models: digits MLP, MiniLM, ASVD vs SVD"),
+    "layerwise": (
+        "bench_layerwise.py",
+        "Layer-wise training: peak memory against one stage and the whole model",
+    ),
 }
+DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"
 
 
 def main() -> int:
@@ -40,6 +50,7 @@ def main() -> int:
         parser.error(f"unknown benchmark {unknown}; known: {list(BENCHES)}")
 
     failed: list[str] = []
+    durations: dict[str, float] = {}
     for name in chosen:
         script, _ = BENCHES[name]
         cmd = [sys.executable, str(ROOT / "benchmarks" / script)]
@@ -51,10 +62,22 @@ def main() -> int:
         start = time.perf_counter()
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
             failed.append(name)
+        else:
+            durations[name] = time.perf_counter() - start
         print(f"=== {name}: {time.perf_counter() - start:.0f} s", flush=True)
 
+    record = QUICK_DIR / "durations.json" if args.quick else DURATIONS
+    known = json.loads(record.read_text()) if record.exists() else {}
+    known.update(
+        {k: {"seconds": round(v), "load_avg_1min_at_end": os.getloadavg()[0]} for k, v in durations.items()}
+    )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(known, indent=2) + "\n")
     if args.quick:
-        print(f"quick reports written under {QUICK_DIR}", flush=True)
+        total = sum(v["seconds"] for v in known.values())
+        print(
+            f"quick reports written under {QUICK_DIR}; durations in {record} ({total} s in all)", flush=True
+        )
         return 1 if failed else 0
     lines = [
         "# Benchmarks",
@@ -66,7 +89,15 @@ def main() -> int:
     for name, (_, title) in BENCHES.items():
         report = ROOT / "docs" / "benchmarks" / f"{name}.md"
         status = "" if report.exists() else " (not run yet)"
-        lines.append(f"- [{title}](benchmarks/{name}.md){status}")
+        took = f" — last full run {known[name]['seconds']} s" if name in known else ""
+        lines.append(f"- [{title}](benchmarks/{name}.md){status}{took}")
+    if known:
+        timed = [k for k in BENCHES if k in known]
+        total = sum(known[k]["seconds"] for k in timed)
+        lines += [
+            "",
+            f"Last full runs of {', '.join(timed)}, one after another: {total} s (benchmarks/durations.json).",
+        ]
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
     if failed:
         print(f"benchmarks that failed: {failed}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import struct
@@ -34,6 +35,11 @@ from toolkit.errors import InputError
 from toolkit.fsio import fsync_dir, replace_dir, write_synced
 
 FORMAT = "rlhf-checkpoint/1"
+
+MAX_MODEL_PARAMS = 10_000_000_000
+"""Ceiling on the parameters a checkpoint's embedded spec may make ``load_model`` allocate;
+override with the environment variable ``RLHF_MAX_MODEL_PARAMS`` (the same setting as the spec
+checks' ``max_model_params``)."""
 WEIGHTS, STATE, INDEX = "model.safetensors", "state.pt", "checkpoint.json"
 CKPT_DIR = "checkpoints"
 
@@ -206,6 +212,57 @@ def find_checkpoint(run_dir: str | Path, prefer_best: bool = True) -> Path:
     return pick[0]
 
 
+def max_model_params() -> int:
+    """The parameter ceiling: ``RLHF_MAX_MODEL_PARAMS`` when set, else ``MAX_MODEL_PARAMS``.
+
+    Raises:
+        InputError: the environment variable is not a positive integer.
+    """
+    raw = os.environ.get("RLHF_MAX_MODEL_PARAMS", "").strip()
+    if not raw:
+        return MAX_MODEL_PARAMS
+    if not raw.isdigit() or int(raw) < 1:
+        raise InputError(f"RLHF_MAX_MODEL_PARAMS: expected a positive integer, got {raw!r}")
+    return int(raw)
+
+
+def check_weights_fit(
+    path: Path, planned: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a checkpoint whose spec would build more than the ceiling, or other shapes than its weights.
+
+    Args:
+        path: the checkpoint, for the message.
+        planned: tensor name -> shape the embedded spec builds (from a ``meta``-device build).
+        weights: the tensors in the file.
+
+    Raises:
+        InputError: one line naming the limit, or the first tensor missing, unexpected or of
+            another shape ("expected (256, 24) from the embedded spec, got (256, 32)").
+    """
+    count = sum(math.prod(shape) for shape in planned.values())
+    ceiling = max_model_params()
+    if count > ceiling:
+        raise InputError(
+            f"checkpoint {path}: the embedded spec builds {count:,} parameters, over the limit "
+            f"max_model_params = {ceiling:,} (raise it with RLHF_MAX_MODEL_PARAMS)"
+        )
+    missing = sorted(set(planned) - set(weights))
+    extra = sorted(set(weights) - set(planned))
+    if missing or extra:
+        raise InputError(
+            f"checkpoint {path}: weights do not fit the embedded spec: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}"
+        )
+    for name, shape in planned.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise InputError(
+                f"checkpoint {path}: weights do not fit the embedded spec: {name}: expected {shape} "
+                f"from the embedded spec, got {got}"
+            )
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, Any, dict[str, Any]]:
     """Rebuild a trained model from a run directory (best checkpoint, else last) or a checkpoint.
 
@@ -217,9 +274,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         (model, spec, meta): the StagedModel in eval mode, its GraphSpec (ranks as trained) and the
         checkpoint's run metadata.
 
+    The model the embedded spec describes is first built on the ``meta`` device (shapes, no
+    memory): its parameter count is checked against ``MAX_MODEL_PARAMS`` and its tensor shapes
+    against the weights in the file before the real model is allocated, so a small file whose
+    spec names an absurd model is refused without allocating it.
+
     Raises:
         FileNotFoundError: nothing to load.
-        ValueError: a corrupted checkpoint or weights that do not fit the embedded spec.
+        ValueError: a corrupted checkpoint.
+        InputError: weights that do not fit the embedded spec, or a model over the parameter ceiling.
     """
     from toolkit.builder import build_model
     from toolkit.spec import parse_spec
@@ -230,6 +293,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
     ckpt = load_checkpoint(p, with_state=False)
     spec = parse_spec(ckpt.spec, source=f"{p} (embedded spec)")
     dense = bool(ckpt.meta.get("dense", False))
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated until they are checked
+            planned = build_model(spec, seed=0, dense=dense).state_dict()
+    except (NotImplementedError, RuntimeError):  # an op whose construction needs real data
+        planned = None  # the spec checks' ceilings and load_state_dict(strict=True) still apply
+    if planned is not None:
+        check_weights_fit(p, {k: tuple(v.shape) for k, v in planned.items()}, ckpt.weights)
+        del planned
     model = build_model(spec, seed=0, dense=dense)
     dtype = next((w.dtype for w in ckpt.weights.values() if w.is_floating_point()), torch.float32)
     model.to(dtype=dtype)

@@ -257,3 +257,52 @@ def test_int8_files_keep_parameter_names(tmp_path: Path) -> None:
             if len(i.dims) == 2 and i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
         }
         assert weights and quantized == weights
+
+
+def test_int8_is_chosen_on_the_selection_split_and_reported_on_test(tmp_path: Path) -> None:
+    """The choice depends on the validation split only: other test inputs and labels leave the
+    chosen setting and every candidate's score unchanged; the reported accuracy is the test one."""
+    model = ToyModel(d_in=64, hidden=128, rank=32).eval()
+    calib = toy_sample(model, 128, seed=5)
+    select = toy_sample(model, 64, seed=7)
+    rng = np.random.default_rng(0)
+    select_targets = rng.integers(0, 5, 64)
+    settings = (QuantSetting("dynamic", "qint8"), QuantSetting("static", "qint8", per_channel=True))
+    reports = []
+    for k, seed in enumerate((1, 3)):  # two different test splits
+        test = toy_sample(model, 64, seed=seed)
+        targets = np.random.default_rng(10 + k).integers(0, 5, 64)
+        manifest = export_model(
+            model,
+            tmp_path / f"q{k}",
+            sample=test,
+            targets=targets,
+            calibration=calib,
+            quantize="int8",
+            quant_candidates=settings,
+            selection=select,
+            selection_targets=select_targets,
+        )
+        q = manifest["quantization"]
+        assert q["chosen_on"] == "validation split"
+        int8 = Executor(tmp_path / f"q{k}", providers="cpu", variant="int8").run(test)["head"]
+        assert q["end_to_end"]["accuracy"] == pytest.approx(float(np.mean(int8.argmax(1) == targets)))
+        reports.append(q)
+    assert reports[0]["end_to_end"]["accuracy"] != reports[1]["end_to_end"]["accuracy"]  # tests differ
+    assert reports[0]["chosen"] == reports[1]["chosen"]
+    assert reports[0]["candidates"] == reports[1]["candidates"]  # scored on the selection split only
+
+
+def test_cli_export_samples_select_on_validation() -> None:
+    """`rlhf export` reads the test split for the report and the validation split for the choice."""
+    from toolkit.cli.deploy_cmds import _load_samples
+    from toolkit.data import load_data
+    from toolkit.spec import load_spec
+
+    spec = load_spec(GRAPHS[0].with_name("default.yaml"))
+    sample, targets, _calib, select, select_targets = _load_samples(spec, 32)
+    splits = load_data(spec.train.data, spec.inputs)
+    np.testing.assert_array_equal(sample["x"], splits.test.inputs["x"][:32])
+    np.testing.assert_array_equal(select["x"], splits.val.inputs["x"][:32])
+    np.testing.assert_array_equal(select_targets, splits.val.targets[:32])
+    assert targets is not None and not np.array_equal(sample["x"], select["x"])

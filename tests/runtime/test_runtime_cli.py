@@ -92,3 +92,35 @@ def test_export_from_checkpoint(tmp_path: Path) -> None:
     assert (out / "manifest.json").exists()  # the earlier export is untouched
     res = _invoke("export", ckpt, "-o", tmp_path / "e2", "--samples", "1")
     assert res.exit_code == 2
+
+
+def _bench_configs(res: Any) -> set[str]:
+    assert res.exit_code == 0, res.output
+    return {r["config"] for r in json.loads(res.stdout)["rows"]}
+
+
+def test_bench_refuses_a_manifest_source_outside_the_export(
+    default_export: Fixture, export_copy: Path
+) -> None:
+    from toolkit.checkpoint import save_checkpoint
+
+    _, model, _ = default_export
+    ckpt = save_checkpoint(export_copy.parent, "outside", model, model.to_spec().resolved())
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    args = ("--batch", "2", "--seconds", "0.01", "--json")
+    for source in (str(ckpt.resolve()), "../outside"):  # absolute, and climbing out
+        manifest["source"] = source
+        (export_copy / "manifest.json").write_text(json.dumps(manifest))
+        res = CliRunner().invoke(main, ["bench", str(export_copy), *args])
+        assert "torch eager" not in _bench_configs(res)
+        assert "torch eager skipped: manifest source: manifest path" in res.stderr
+        assert "pass --model PATH" in res.stderr
+    # the same checkpoint named explicitly by the user is theirs to choose
+    res = CliRunner().invoke(main, ["bench", str(export_copy), "--model", str(ckpt), *args])
+    assert "torch eager" in _bench_configs(res)
+    # a source inside the export directory is followed
+    save_checkpoint(export_copy, "inside", model, model.to_spec().resolved())
+    manifest["source"] = "inside"
+    (export_copy / "manifest.json").write_text(json.dumps(manifest))
+    res = CliRunner().invoke(main, ["bench", str(export_copy), *args])
+    assert "torch eager" in _bench_configs(res) and "skipped" not in res.stderr

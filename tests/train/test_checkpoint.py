@@ -91,3 +91,60 @@ def test_find_checkpoint_prefers_best(tmp_path: Path) -> None:
     assert find_checkpoint(tmp_path).name == "best-00000002"
     with pytest.raises(FileNotFoundError, match="expected checkpoints"):
         find_checkpoint(tmp_path / "nothing")
+
+
+def _default_checkpoint(tmp_path: Path, edit: object = None) -> Path:
+    """graphs/default.yaml's model saved as a checkpoint; ``edit(spec_dict)`` changes the embedded spec."""
+    from toolkit.builder import build_model
+    from toolkit.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "graphs" / "default.yaml")
+    model = build_model(spec, seed=0)
+    doc = model.to_spec().resolved()
+    if callable(edit):
+        edit(doc)
+    return save_checkpoint(tmp_path, "best-00000001", model, doc)
+
+
+def test_embedded_spec_is_checked_against_the_weights_before_anything_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file whose spec names a far larger model: refused from shapes alone, no real build."""
+    import toolkit.builder
+    from toolkit.checkpoint import load_model
+    from toolkit.errors import InputError
+
+    def widen(doc: dict) -> None:
+        node = next(n for n in doc["nodes"] if n["id"] == "fc1")
+        node["out"] = 40_000  # 64 x 40,000 dense: 2.6M parameters the file does not hold
+
+    ckpt = _default_checkpoint(tmp_path, widen)
+    real_build = toolkit.builder.build_model
+    real_builds: list[str] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        if torch.empty(0).device.type != "meta":
+            real_builds.append("allocated")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(toolkit.builder, "build_model", spy)
+    with pytest.raises(
+        InputError,
+        match=r"weights do not fit the embedded spec: stages\.0\.fc1\..*expected .*40000.* from the embedded spec, got",
+    ):
+        load_model(ckpt)
+    assert real_builds == []
+
+
+def test_parameter_ceiling_on_the_embedded_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from toolkit.checkpoint import load_model
+    from toolkit.errors import InputError
+
+    ckpt = _default_checkpoint(tmp_path)
+    model, _, _ = load_model(ckpt)  # fits under the default ceiling
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setenv("RLHF_MAX_MODEL_PARAMS", str(n - 1))
+    with pytest.raises(InputError, match=f"{n:,} parameters, over the limit max_model_params = {n - 1:,}"):
+        load_model(ckpt)
+    monkeypatch.setenv("RLHF_MAX_MODEL_PARAMS", str(n))
+    assert sum(p.numel() for p in load_model(ckpt)[0].parameters()) == n

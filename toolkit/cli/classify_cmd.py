@@ -40,6 +40,7 @@ from toolkit.errors import InputError
     show_default=True,
     help="Also export model.onnx (logits) + manifest.json.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (as a whole: no old file stays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def classify(
     source: Path,
@@ -51,6 +52,7 @@ def classify(
     max_length: int,
     cg_max_iters: int,
     onnx_: bool,
+    overwrite: bool,
     as_json: bool,
 ) -> None:
     """Fine-tune a classification head on SOURCE (a Hugging Face model directory, or one written by
@@ -59,17 +61,20 @@ def classify(
     \b
     OUT gets the encoder (model.safetensors, factorize.json), the head (classifier.safetensors,
     classifier.json with the label names) and, with --onnx, model.onnx + manifest.json whose output
-    'logits' (batch, labels) `rlhf run OUT --input ids.npz` computes.
+    'logits' (batch, labels) `rlhf run OUT --input ids.npz` computes. OUT is built under a
+    temporary name and swapped in when complete; an existing OUT is refused without --overwrite.
     """
     from rich.console import Console
 
     from toolkit.factorize.classify import accuracy, fine_tune_classifier, read_text_csv, save_classifier
     from toolkit.factorize.hf import export_text_model, load_factorized_hf, load_hf
+    from toolkit.fsio import check_new_dir, staged_dir
 
     if steps < 1 or max_length < 2 or cg_max_iters < 1:
         raise InputError(
             f"--steps/--max-length/--cg-max-iters: expected >= 1, >= 2, >= 1, got {steps}, {max_length}, {cg_max_iters}"
         )
+    check_new_dir(out, overwrite)  # before any training
     texts, labels = read_text_csv(train_csv)
     held = read_text_csv(eval_csv) if eval_csv is not None else None  # fail on a bad file before training
     factorized = (source / "factorize.json").is_file()
@@ -95,9 +100,11 @@ def classify(
         result["eval_examples"] = len(held[0])
         result["eval_accuracy"] = accuracy(model, tok, held[0], held[1], fit.labels, max_length)
     report = (source / "factorize.json").read_text() if factorized else json.dumps({"layers": []})
-    save_classifier(model, tok, fit.labels, report, out, max_length)
-    if onnx_:
-        export_text_model(model, tok, texts[:8], out, "logits", max_length=max_length)
+    with staged_dir(out, overwrite) as tmp:  # head, encoder and export swapped in together
+        save_classifier(model, tok, fit.labels, report, tmp, max_length)
+        if onnx_:
+            name = out.resolve().name
+            export_text_model(model, tok, texts[:8], tmp, "logits", max_length=max_length, name=name)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -20,16 +20,36 @@ from toolkit.runtime.manifest import TensorInfo
 
 def _load_samples(
     spec: Any, n: int
-) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray] | None]:
-    """Evaluation samples (test split) with labels, and calibration samples (train split), from the spec's data."""
+) -> tuple[
+    dict[str, np.ndarray],
+    np.ndarray | None,
+    dict[str, np.ndarray] | None,
+    dict[str, np.ndarray] | None,
+    np.ndarray | None,
+]:
+    """From the spec's data: evaluation samples (test split) with labels, calibration samples
+    (train split), and selection samples (validation split, else the train rows the calibration
+    does not use) with labels, on which the int8 setting is chosen."""
     from toolkit.data import load_data
+
+    def labels(split: Any, k: int) -> np.ndarray | None:
+        return split.targets[:k] if split.targets is not None and split.targets.ndim == 1 else None
 
     splits = load_data(spec.train.data, spec.inputs)
     test = splits.test if len(splits.test) else splits.val
     sample = {k: v[:n] for k, v in test.inputs.items()}
-    targets = test.targets[:n] if test.targets is not None and test.targets.ndim == 1 else None
-    calib = {k: v[: max(n, 512)] for k, v in splits.train.inputs.items()}
-    return sample, targets, calib
+    n_calib = max(n, 512)
+    calib = {k: v[:n_calib] for k, v in splits.train.inputs.items()}
+    if len(splits.val) and test is not splits.val:
+        select = {k: v[:n] for k, v in splits.val.inputs.items()}
+        select_targets = labels(splits.val, n)
+    elif len(splits.train) > n_calib:
+        select = {k: v[n_calib : n_calib + n] for k, v in splits.train.inputs.items()}
+        t = labels(splits.train, n_calib + n)
+        select_targets = None if t is None else t[n_calib:]
+    else:
+        select, select_targets = None, None
+    return sample, labels(test, n), calib, select, select_targets
 
 
 @click.command()
@@ -41,7 +61,7 @@ def _load_samples(
     "--quantize",
     type=click.Choice(["int8"]),
     default=None,
-    help="Also write int8 files (settings chosen by accuracy).",
+    help="Also write int8 files (setting chosen by accuracy on the validation split, reported on test).",
 )
 @click.option("--optimize", is_flag=True, help="onnxruntime offline graph optimization (basic, portable).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export directory.")
@@ -59,7 +79,7 @@ def export(
     if samples < 2:
         raise InputError(f"--samples: expected at least 2, got {samples}")
     model, spec, _ = load_model(source)
-    sample, targets, calib = _load_samples(spec, samples)
+    sample, targets, calib, select, select_targets = _load_samples(spec, samples)
     manifest = export_model(
         model,
         out,
@@ -71,6 +91,8 @@ def export(
         optimize=optimize,
         overwrite=overwrite,
         source=str(source.resolve()),
+        selection=select if quantize else None,
+        selection_targets=select_targets,
     )
     par = manifest["parity"]["end_to_end"]
     click.echo(
@@ -216,7 +238,8 @@ def _torch_eager(model_path: str, threads: int) -> Any:
     "--model",
     "model_path",
     default=None,
-    help="Run dir or checkpoint for torch eager (default: the export's source).",
+    help="Run dir or checkpoint for torch eager (default: the manifest's source, when it is a "
+    "relative path inside the export directory).",
 )
 @click.option(
     "--seconds", type=float, default=0.5, show_default=True, help="Time per configuration and batch."
@@ -241,7 +264,15 @@ def bench(
     if any(b < 1 for b in batches):
         raise InputError(f"--batch: expected positive batch sizes, got {list(batches)}")
     manifest = read_manifest(export_dir)
-    source = model_path or manifest.raw.get("source")
+    source: str | Path | None = model_path  # a path the user passes is theirs to choose
+    if source is None:
+        from toolkit.errors import InputError
+        from toolkit.runtime.manifest import source_path
+
+        try:
+            source = source_path(export_dir, manifest)
+        except InputError as exc:  # never follow a manifest out of its directory
+            click.echo(f"torch eager skipped: {exc}; pass --model PATH to compare with it", err=True)
     extra = {}
     if source and Path(source).exists():
         fn = _torch_eager(str(source), threads)

@@ -80,6 +80,7 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
     show_default=True,
     help="Hugging Face: also export model.onnx and a manifest.json for the executor.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (as a whole: no old file stays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def factorize(
     source: Path,
@@ -96,10 +97,17 @@ def factorize(
     refit: bool,
     distill_steps: int,
     onnx_: bool,
+    overwrite: bool,
     as_json: bool,
 ) -> None:
-    """Factorize SOURCE (a Hugging Face model directory, or a run/checkpoint of a dense spec model) into OUT."""
+    """Factorize SOURCE (a Hugging Face model directory, or a run/checkpoint of a dense spec model) into OUT.
+
+    OUT is built under a temporary name beside it and swapped in when complete, so it never holds
+    a mix of old and new files; an existing OUT is refused without --overwrite.
+    """
     from rich.console import Console
+
+    from toolkit.fsio import check_new_dir, staged_dir
 
     if not source.exists():
         raise FileNotFoundError(
@@ -113,6 +121,7 @@ def factorize(
     from toolkit.factorize.core import _check_rule
 
     _check_rule(**rule)  # fail on bad values before loading anything
+    check_new_dir(out, overwrite)
     if sensitivity and budget is None:
         raise InputError("--sensitivity: expected --budget (the parameter budget to allocate), got none")
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
@@ -120,6 +129,7 @@ def factorize(
         report_obj = _hf(
             source,
             out,
+            overwrite,
             rule,
             sensitivity,
             method,
@@ -149,9 +159,11 @@ def factorize(
                 rule = _sensitivity_rule(
                     dense_model, metric, rule, include, calib if method == "asvd" else None, console
                 )
-        _m, report_obj, ckpt = factorize_checkpoint(
-            source, out, calibration=calib, include=include, method=method, refit=refit, **rule
-        )
+        with staged_dir(out, overwrite) as tmp:
+            _m, report_obj, ckpt = factorize_checkpoint(
+                source, tmp, calibration=calib, include=include, method=method, refit=refit, **rule
+            )
+        ckpt = out / ckpt.relative_to(tmp)
         console.print(f"wrote {ckpt} (spec + weights), {out / 'factorize.json'}")
     if as_json:
         click.echo(report_obj.to_json())
@@ -177,6 +189,7 @@ def _sensitivity_rule(
 def _hf(
     source: Path,
     out: Path,
+    overwrite: bool,
     rule: dict[str, Any],
     sensitivity: bool,
     method: str,
@@ -199,6 +212,7 @@ def _hf(
         load_hf,
         save_factorized_hf,
     )
+    from toolkit.fsio import staged_dir
 
     model, tok = load_hf(source)
     sentences = _sentences(calibration, samples)
@@ -221,9 +235,10 @@ def _hf(
     if teacher is not None:
         corpus = _sentences(calibration, 1_000_000)  # every sentence of the corpus, augmented
         distill(model, teacher, augmented_batches(tok, corpus, 32), steps=distill_steps)
-    save_factorized_hf(model, tok, report.to_json(), out)
-    if onnx_:
-        export_encoder(model, tok, sentences[:8], out)
+    with staged_dir(out, overwrite) as tmp:  # weights, report and export swapped in together
+        save_factorized_hf(model, tok, report.to_json(), tmp)
+        if onnx_:
+            export_encoder(model, tok, sentences[:8], tmp, name=out.resolve().name)
     onnx_files = ", model.onnx, manifest.json (run it with rlhf run / rlhf bench)" if onnx_ else ""
     console.print(f"wrote {out} (model.safetensors, factorize.json{onnx_files})")
     return report

@@ -149,6 +149,8 @@ def export_model(
     name: str | None = None,
     quant_candidates: Sequence[quant.QuantSetting] = quant.CANDIDATES,
     source: str | None = None,
+    selection: Mapping[str, np.ndarray] | None = None,
+    selection_targets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Export a staged model: one ONNX file per stage, fused.onnx, manifest.json.
 
@@ -173,6 +175,9 @@ def export_model(
         name: model name for the manifest (default: ``model.name`` or the class name).
         quant_candidates: int8 settings to measure (default: toolkit.export.quantize.CANDIDATES).
         source: where the model came from (run dir or checkpoint), recorded for `rlhf bench`.
+        selection: inputs the int8 setting is *chosen* on (a validation split), with
+            ``selection_targets`` its labels; ``sample``/``targets`` (the test split) then only
+            report the chosen setting. None: chosen on ``sample`` itself (the report says so).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -193,6 +198,7 @@ def export_model(
         )
     sample = _check_sample(model, sample, "sample")
     calib = _check_sample(model, calibration, "calibration") if calibration is not None else sample
+    select = _check_sample(model, selection, "selection") if selection is not None else None
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()
     model.eval()
@@ -214,6 +220,7 @@ def export_model(
             rtol,
             name or _model_name(model),
             quant_candidates,
+            (select, selection_targets) if select is not None else None,
         )
         manifest["source"] = source
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()
@@ -238,6 +245,7 @@ def _export_into(
     rtol: float,
     name: str,
     quant_candidates: Sequence[quant.QuantSetting],
+    selection: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None,
 ) -> dict[str, Any]:
     in_names, out_names = list(model.input_names), list(model.output_names)
     envs = _torch_chain(model, sample)
@@ -315,11 +323,19 @@ def _export_into(
                 [{k: src[k][j : j + CALIB_BATCH] for k in ins} for j in range(0, n, CALIB_BATCH)]
             )
 
-        def run_chain(blobs: Sequence[bytes]) -> list[np.ndarray]:
-            return _chain_onnx([cpu_session(b) for b in blobs], io, sample, out_names)
+        def run_chain(blobs: Sequence[bytes], feeds: dict[str, np.ndarray] = sample) -> list[np.ndarray]:
+            return _chain_onnx([cpu_session(b) for b in blobs], io, feeds, out_names)
 
+        select = None
+        if selection is not None:
+            sel_feeds, sel_targets = selection
+
+            def run_select(blobs: Sequence[bytes]) -> list[np.ndarray]:
+                return run_chain(blobs, sel_feeds)
+
+            select = (run_select, run_select(stage_bytes), sel_targets)
         setting, q_stages, quant_report = quant.choose_and_quantize(
-            stage_bytes, calibration, run_chain, chained, targets, quant_candidates
+            stage_bytes, calibration, run_chain, chained, targets, quant_candidates, select=select
         )
         for i, blob in enumerate(q_stages):
             stage_entries[i]["files"]["int8"] = _write(tmp, _stage_file(i, "int8"), blob)

@@ -9,10 +9,13 @@ Two families are tried:
 On x86 CPUs without VNNI, onnxruntime multiplies u8 activations by s8 weights with ``vpmaddubsw``,
 whose int16 accumulators saturate when weights use the full 8-bit range: the default settings can
 lose accuracy there. ``reduce_range`` (7-bit weights) or u8 weights avoid it. Rather than guess the
-CPU, every candidate is measured on the samples: among those within ``tolerance`` (0.25 points)
-of the best accuracy, the one with the smallest files wins, then the smallest error against fp32.
-The manifest records every candidate tried, and for the chosen one the change when each stage
-alone is quantized, so a user sees which stage costs accuracy.
+CPU, every candidate is measured on a selection split (the validation split in ``rlhf export``):
+among those within ``tolerance`` (0.25 points) of the best accuracy, the one with the smallest
+files wins, then the smallest error against fp32. Only the chosen candidate is then run on the
+test split, whose accuracy change is what the manifest reports (``chosen_on`` / ``reported_on``),
+so the figure is not the best of several tries on the data it is reported on. The manifest records
+every candidate's score on the selection split, and for the chosen one the change on test when
+each stage alone is quantized, so a user sees which stage costs accuracy.
 
 Bias vectors left in float32 by dynamic quantization are stored as float16 and cast back to
 float32 when the session is created (``onnx_io.biases_to_fp16``): on a small model they are
@@ -234,8 +237,17 @@ def choose_and_quantize(
     targets: np.ndarray | None,
     candidates: Sequence[QuantSetting] = CANDIDATES,
     tolerance: float = 0.0025,
+    *,
+    select: tuple[Callable[[Sequence[bytes]], list[np.ndarray]], Sequence[np.ndarray], np.ndarray | None]
+    | None = None,
+    select_name: str = "validation split",
 ) -> tuple[QuantSetting, list[bytes], dict[str, Any]]:
-    """Quantize every stage with each candidate, keep the setting with the best measured accuracy.
+    """Quantize every stage with each candidate, choose one on the selection samples, report on the
+    evaluation samples.
+
+    The choice never sees the evaluation (test) samples: every candidate is scored on ``select``
+    only, and the evaluation samples are run for the chosen candidate alone, so the reported
+    accuracy change is an unbiased estimate and not the best of several tries on the same data.
 
     Args:
         stages: fp32 stage bytes in order.
@@ -246,22 +258,29 @@ def choose_and_quantize(
         candidates: settings to try.
         tolerance: accuracies within this of the best count as equal (then smaller files win);
             default 0.25 points, half the 0.5-point budget int8 may cost.
+        select: (run_chain, fp32 reference, targets) on the selection samples (a validation
+            split); None chooses on the evaluation samples themselves (then the report says so).
+        select_name: what the selection samples are, for the report.
 
     Returns:
         (chosen setting, int8 stage bytes, report) where the report lists every candidate's score
-        and, for the chosen one, the change when each stage alone is quantized.
+        on the selection samples and, for the chosen one on the evaluation samples, the change end
+        to end and when each stage alone is quantized.
 
     Raises:
         ValueError: no candidate could be quantized and run.
     """
     with tempfile.TemporaryDirectory(prefix="rlhf-quant-") as tmp:
         pre = [preprocess(b, Path(tmp)) for b in stages]
+    if select is None:
+        select, select_name = (run_chain, reference, targets), "the evaluation samples (no selection split)"
+    run_select, select_reference, select_targets = select
     tried: list[dict[str, Any]] = []
     scored: list[tuple[QuantSetting, list[bytes], dict[str, float], int]] = []
     for setting in candidates:
         try:
             q = [quantize_model(b, setting, cal, preprocessed=True) for b, cal in zip(pre, calibration)]
-            s = score(run_chain(q), reference, targets)
+            s = score(run_select(q), select_reference, select_targets)
         except Exception as exc:  # a setting onnxruntime cannot build or run here: record and go on
             tried.append({**setting.to_dict(), "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
@@ -272,7 +291,8 @@ def choose_and_quantize(
         raise ValueError(
             "int8 quantization failed for every setting: " + "; ".join(t.get("error", "") for t in tried)
         )
-    setting, q, s, _ = scored[_pick(scored, tolerance)]
+    setting, q, _s, _ = scored[_pick(scored, tolerance)]
+    s = score(run_chain(q), reference, targets)  # the evaluation samples, for the chosen one only
     per_stage = []
     for k in range(len(stages)):
         mixed = [q[i] if i == k else stages[i] for i in range(len(stages))]
@@ -289,6 +309,8 @@ def choose_and_quantize(
         "chosen": setting.to_dict(),
         "metric": "accuracy vs targets" if "accuracy" in s else "max abs error vs fp32 (no class labels)",
         "rule": f"most accurate; within {tolerance:g} of it the smallest files, then the smallest error",
+        "chosen_on": select_name,
+        "reported_on": "the evaluation samples (test split)",
         "end_to_end": end_to_end,
         "stages": per_stage,
         "candidates": tried,

@@ -273,11 +273,16 @@ def export_text_onnx(
 
 
 def export_encoder(
-    model: nn.Module, tok: Any, sentences: Sequence[str], out_dir: str | Path, opset: int = 17
+    model: nn.Module,
+    tok: Any,
+    sentences: Sequence[str],
+    out_dir: str | Path,
+    opset: int = 17,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Export an encoder (``last_hidden_state``) as an export directory; see ``export_text_model``."""
     return export_text_model(
-        _EncoderForExport(model), tok, sentences, out_dir, "last_hidden_state", opset=opset
+        _EncoderForExport(model), tok, sentences, out_dir, "last_hidden_state", opset=opset, name=name
     )
 
 
@@ -290,6 +295,7 @@ def export_text_model(
     *,
     max_length: int = 64,
     opset: int = 17,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Export ``module(input_ids, attention_mask)`` as a one-stage export directory that
     ``toolkit.runtime.Executor`` and ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus
@@ -308,6 +314,8 @@ def export_text_model(
         output_name: the output's name in the ONNX file and the manifest.
         max_length: token cap for the parity sentences.
         opset: ONNX opset.
+        name: the directory's name for the manifest (default ``out_dir``'s own; pass the final
+            name when ``out_dir`` is a temporary directory swapped in later).
 
     Returns:
         The manifest document.
@@ -345,7 +353,7 @@ def export_text_model(
     checked = parity.to_dict()
     n_params = int(sum(p.numel() for p in module.parameters()))
     doc = build_manifest(
-        name=f"{out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
+        name=f"{name or out.resolve().name} ({type(getattr(module, 'model', module)).__name__})",
         opset=opset,
         inputs=ids,
         outputs=outputs,
@@ -402,6 +410,8 @@ def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: st
     """
     from safetensors.torch import save_file
 
+    from toolkit.fsio import atomic_write_bytes
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = getattr(model, "config", None)
@@ -415,38 +425,56 @@ def save_factorized_hf(model: nn.Module, tok: Any, report_json: str, out_dir: st
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, out / "model.safetensors")
-    tmp_r = out / ".factorize.json.tmp"
-    tmp_r.write_text(report_json)
-    os.replace(tmp_r, out / "factorize.json")
+    atomic_write_bytes(out / "factorize.json", report_json.encode())  # fsynced, then renamed
     return out
 
 
 def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
     """Rebuild a model saved by ``save_factorized_hf`` (offline, no code execution): (model, tokenizer).
 
+    Nothing is allocated from the files before it is checked: the model ``config.json`` describes
+    is first built on the ``meta`` device and its size checked against ``max_model_params``
+    (``RLHF_MAX_MODEL_PARAMS``); every layer, shape and rank in ``factorize.json`` is checked
+    against that model (``report_file.planned_layers``) before any factor is allocated.
+
     Raises:
         FileNotFoundError: when ``factorize.json`` or the weights are missing.
-        ValueError: when the weights do not fit the recorded ranks.
+        InputError: a malformed factorize.json, ranks or shapes that do not fit the model, a model
+            over the parameter ceiling, or weights that do not fit the recorded ranks.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from toolkit.checkpoint import max_model_params
+    from toolkit.errors import InputError
     from toolkit.factorize.core import replace_module
+    from toolkit.factorize.report_file import planned_layers, read_report
     from toolkit.factorize.svd import build_factorized
 
     p = Path(path)
     for f in ("factorize.json", "model.safetensors", "config.json"):
         if not (p / f).is_file():
             raise FileNotFoundError(f"{p}: expected {f} of a factorized model, got none")
-    report = json.loads((p / "factorize.json").read_text())
-    model = AutoModel.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
-    for layer in report["layers"]:
-        if layer["rank"]:
-            dense = model.get_submodule(layer["name"])
-            out_f, n = layer["shape"]
-            zeros_u = torch.zeros(out_f, layer["rank"], dtype=torch.float64)
-            zeros_v = torch.zeros(layer["rank"], n, dtype=torch.float64)
-            replace_module(model, layer["name"], build_factorized(dense, zeros_u, zeros_v))  # type: ignore[arg-type]
+    report = read_report(p / "factorize.json")
+    config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    with torch.device("meta"):  # shapes only
+        planned = AutoModel.from_config(config)
+    count = sum(t.numel() for t in planned.state_dict().values())
+    ceiling = max_model_params()
+    if count > ceiling:
+        raise InputError(
+            f"{p / 'config.json'}: the model it describes has {count:,} parameters, over the limit "
+            f"max_model_params = {ceiling:,} (raise it with RLHF_MAX_MODEL_PARAMS)"
+        )
+    layers = planned_layers(report, planned, str(p / "factorize.json"))
+    del planned
+    model = AutoModel.from_config(config)
+    for layer in layers:
+        dense = model.get_submodule(layer.name)
+        out_f, n = layer.shape
+        zeros_u = torch.zeros(out_f, layer.rank, dtype=torch.float64)
+        zeros_v = torch.zeros(layer.rank, n, dtype=torch.float64)
+        replace_module(model, layer.name, build_factorized(dense, zeros_u, zeros_v))  # type: ignore[arg-type]
     try:
         model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     except RuntimeError as exc:

@@ -7,6 +7,7 @@ import ctypes.util
 import gc
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.errors import InputError
+from toolkit.runtime.limits import BINDING_CACHE_SIZE, MAX_BUFFER_BYTES, limit
 from toolkit.runtime.manifest import (
     FileEntry,
     Manifest,
@@ -76,6 +78,63 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def _describe_arg(arg: Any) -> str:
+    dims = ", ".join(str(d) if isinstance(d, int) else "*" for d in (arg.shape or []))
+    return f"{_ORT_DTYPES.get(arg.type, arg.type)} ({dims})"
+
+
+def check_session_io(
+    label: str, file: str, manifest_io: Sequence[TensorInfo], session_io: Sequence[Any], kind: str
+) -> None:
+    """Compare the manifest's tensors of one file with what onnxruntime reads from the file itself.
+
+    Names must match as sets; for each tensor the dtype must match and, axis by axis, a fixed size
+    in the manifest must equal the file's fixed size (a dynamic axis in the file accepts any
+    size), and a dynamic axis in the manifest (``null``) must be dynamic in the file too.
+
+    Args:
+        label: "stage 0" or "fused", for the message.
+        file: the file's name, for the message.
+        manifest_io: the manifest's inputs or outputs of this file.
+        session_io: ``session.get_inputs()`` or ``session.get_outputs()``.
+        kind: "input" or "output".
+
+    Raises:
+        InputError: one line naming the first tensor that differs, with both descriptions.
+    """
+    got = {a.name: a for a in session_io}
+    want = {t.name: t for t in manifest_io}
+    if set(got) != set(want):
+        raise InputError(
+            f"{label} ({file}): the manifest lists {kind}s {sorted(want)}, the ONNX file has {sorted(got)}: "
+            "refusing a manifest that does not describe its file"
+        )
+    for name, t in want.items():
+        arg = got[name]
+        dims = list(arg.shape or [])
+        ok = _ORT_DTYPES.get(arg.type) == t.dtype and len(dims) == len(t.shape)
+        if ok:
+            for m, f in zip(t.shape, dims):
+                fixed = isinstance(f, int) and not isinstance(f, bool)
+                if (m is None and fixed) or (m is not None and fixed and m != f):
+                    ok = False
+        if not ok:
+            raise InputError(
+                f"{label} ({file}): {kind} {name!r}: the manifest says {t.describe()}, the ONNX file has "
+                f"{_describe_arg(arg)}: refusing a manifest that does not describe its file"
+            )
+
+
 def _nbytes(infos: Sequence[TensorInfo], batch: int) -> int:
     """Bytes of these tensors at a batch size (a later dynamic axis is counted as ``batch`` long too)."""
     total = 0
@@ -116,10 +175,22 @@ class Executor:
             its fields.
         variant: which files to run: "fp32" or another variant in the manifest (e.g. "int8").
         fused: run the single fused file instead of the stages (for comparison).
-        load_from: "path" (default): hash the file in chunks, let onnxruntime read it, and check
-            that the file was not replaced meanwhile (inode, size, mtime) — about one stage of
-            memory. "bytes": read the file once, hash those bytes and hand the same bytes to
-            onnxruntime — immune to a concurrent writer, about three times the memory.
+        load_from: "bytes": read the file once, hash those bytes and hand the very same bytes to
+            onnxruntime, so what runs is what was hashed (a file swapped or rewritten after the
+            check cannot slip in); onnxruntime keeps its own copies while it builds the session,
+            about three times the stage's size at load. "path": hash the file in chunks, let
+            onnxruntime read it again, and refuse it if it changed meanwhile (inode, size, mtime):
+            about one stage of memory, but a writer that restores the mtime between the hash and
+            the read is not caught. "auto" (default): "bytes" when resident, "path" when
+            streaming (whose point is the smallest peak memory).
+        max_buffer_bytes: ceiling on the buffers preallocated for one batch size (the tensors
+            crossing the cuts); default ``limits.MAX_BUFFER_BYTES`` (env ``RLHF_MAX_BUFFER_BYTES``).
+            A run whose buffers would exceed it is refused with InputError naming the limit.
+
+    Every session's inputs and outputs (``get_inputs()/get_outputs()``) are compared with the
+    manifest's when it is loaded; a mismatch is refused before any buffer is allocated from the
+    manifest's shapes. IO bindings and their buffers are cached together for the
+    ``limits.BINDING_CACHE_SIZE`` most recently used batch sizes.
 
     Raises:
         FileNotFoundError: no export directory or manifest.
@@ -135,7 +206,8 @@ class Executor:
         *,
         variant: str = "fp32",
         fused: bool = False,
-        load_from: str = "path",
+        load_from: str = "auto",
+        max_buffer_bytes: int | None = None,
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest: Manifest = read_manifest(self.export_dir)
@@ -145,31 +217,38 @@ class Executor:
         explicit = not (isinstance(providers, str) and providers.lower() == "auto")
         self.providers = resolve_providers(providers)
         self._strict = explicit
-        if load_from not in ("path", "bytes"):
-            raise InputError(f"load_from: expected 'path' or 'bytes', got {load_from!r}")
-        self.load_from = load_from
+        if load_from not in ("auto", "path", "bytes"):
+            raise InputError(f"load_from: expected 'auto', 'path' or 'bytes', got {load_from!r}")
+        if max_buffer_bytes is not None and max_buffer_bytes <= 0:
+            raise InputError(f"max_buffer_bytes: expected a positive number of bytes, got {max_buffer_bytes}")
+        self.max_buffer_bytes = (
+            max_buffer_bytes
+            if max_buffer_bytes is not None
+            else limit("RLHF_MAX_BUFFER_BYTES", MAX_BUFFER_BYTES)
+        )
         self.variant = variant
         self.fused = fused
         self.units = self._units(variant, fused)
         if memory_budget is not None and memory_budget <= 0:
-            raise InputError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
+            raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
         self.memory_budget = memory_budget
         largest = max(u.entry.bytes + _nbytes(u.inputs, 1) + _nbytes(u.outputs, 1) for u in self.units)
         if memory_budget is not None and largest > memory_budget:
-            raise InputError(
+            raise ValueError(
                 f"memory_budget: expected at least {largest} bytes (the largest stage plus its activations "
                 f"at batch 1), got {memory_budget}"
             )
         resident_bytes = sum(u.entry.bytes for u in self.units)
         self.streaming = memory_budget is not None and resident_bytes > memory_budget
+        self.load_from = ("path" if self.streaming else "bytes") if load_from == "auto" else load_from
         self._plan = self._make_plan()
         self._expect = [(t.name, np.dtype(t.dtype), t.shape) for t in self.manifest.inputs]
         tensors = [t for u in self.units for t in (*u.inputs, *u.outputs)]
         self._fixed_shapes = all(d is not None for t in tensors for d in t.shape[1:])
         if self.streaming:
             pin_mmap_threshold()
-        self._bind_cache: dict[int, list[Any]] = {}
-        self._buffers: dict[int, dict[str, ort.OrtValue]] = {}
+        # batch size -> (IO bindings, the buffers they write and read): one LRU, so both are bounded
+        self._bind_cache: OrderedDict[int, tuple[list[Any], dict[str, ort.OrtValue]]] = OrderedDict()
         self._sessions: list[ort.InferenceSession] | None = None
         if not self.streaming:
             self._sessions = [self._load(u) for u in self.units]
@@ -179,10 +258,10 @@ class Executor:
         m = self.manifest
         if fused:
             if variant not in m.fused:
-                raise InputError(f"fused variant: expected one of {sorted(m.fused)}, got {variant!r}")
+                raise ValueError(f"fused variant: expected one of {sorted(m.fused)}, got {variant!r}")
             return [_Unit("fused", m.fused[variant], m.inputs, m.outputs)]
         if variant not in m.variants():
-            raise InputError(f"variant: expected one of {m.variants()}, got {variant!r}")
+            raise ValueError(f"variant: expected one of {m.variants()}, got {variant!r}")
         return [_Unit(f"stage {s.index}", s.files[variant], s.inputs, s.outputs) for s in m.stages]
 
     def _load(self, unit: _Unit) -> ort.InferenceSession:
@@ -190,12 +269,18 @@ class Executor:
             data = read_verified(self.export_dir, unit.entry)
             sess = create_session(data, self.providers, self.config, strict=self._strict)
             del data
-            return sess
-        path, before = verified_path(self.export_dir, unit.entry)
-        sess = create_session(str(path), self.providers, self.config, strict=self._strict)
-        if not same_file(path, before):
-            raise InputError(f"{unit.entry.file} changed while it was being loaded: refusing it")
+        else:
+            path, before = verified_path(self.export_dir, unit.entry)
+            sess = create_session(str(path), self.providers, self.config, strict=self._strict)
+            if not same_file(path, before):
+                raise InputError(f"{unit.entry.file} changed while it was being loaded: refusing it")
+        check_session_io(unit.label, unit.entry.file, unit.inputs, sess.get_inputs(), "input")
+        check_session_io(unit.label, unit.entry.file, unit.outputs, sess.get_outputs(), "output")
         return sess
+
+    def buffer_sets(self) -> int:
+        """How many batch sizes' preallocated buffer sets are alive (at most ``BINDING_CACHE_SIZE``)."""
+        return len(self._bind_cache)
 
     def _make_plan(self) -> list[tuple[list[str], list[str], list[str]]]:
         """Per unit: feed names, output names, and the tensors no later unit or output needs."""
@@ -275,7 +360,7 @@ class Executor:
             problems.append(f"inputs disagree on the batch size: got {sorted(batches)}")
         if problems:
             listing = "[" + ", ".join(t.describe() for t in expected) + "]"
-            raise InputError("; ".join(problems) + f"; expected: {listing}")
+            raise ValueError("; ".join(problems) + f"; expected: {listing}")
         return batches.pop() if batches else 1
 
     def _fast_check(self, inputs: Mapping[str, Any]) -> int | None:
@@ -331,12 +416,25 @@ class Executor:
             result[name] = value.numpy() if isinstance(value, ort.OrtValue) else value
         return result
 
-    def _bindings(self, batch: int) -> list[Any]:
-        """IO bindings for resident CPU runs at one batch size: every tensor crossing a cut lives
-        in a buffer allocated once, written by its stage and read in place by the next ones."""
+    def _bindings(self, batch: int) -> tuple[list[Any], dict[str, ort.OrtValue]]:
+        """IO bindings for resident CPU runs at one batch size, and their buffers: every tensor
+        crossing a cut lives in a buffer allocated once, written by its stage and read in place by
+        the next ones. The least recently used batch size is dropped (bindings and buffers
+        together) beyond ``BINDING_CACHE_SIZE``.
+
+        Raises:
+            InputError: the buffers would exceed ``max_buffer_bytes``.
+        """
         if batch in self._bind_cache:
+            self._bind_cache.move_to_end(batch)
             return self._bind_cache[batch]
         assert self._sessions is not None
+        need = sum(_nbytes(u.outputs, batch) for u in self.units)
+        if need > self.max_buffer_bytes:
+            raise InputError(
+                f"batch {batch}: the tensors crossing the cuts need {need} bytes of buffers, above the limit "
+                f"max_buffer_bytes={self.max_buffer_bytes} (Executor(max_buffer_bytes=...) or RLHF_MAX_BUFFER_BYTES)"
+            )
         graph_inputs = {t.name for t in self.manifest.inputs}
         buffers: dict[str, ort.OrtValue] = {}
         bindings = []
@@ -350,29 +448,26 @@ class Executor:
                 buffers[t.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(t.dtype), "cpu")
                 b.bind_ortvalue_output(t.name, buffers[t.name])
             bindings.append(b)
-        if len(self._bind_cache) >= 4:  # keep a few batch sizes
-            self._bind_cache.pop(next(iter(self._bind_cache)))
-        self._bind_cache[batch] = bindings
-        self._buffers[batch] = buffers
-        return bindings
+        while len(self._bind_cache) >= BINDING_CACHE_SIZE:
+            self._bind_cache.popitem(last=False)  # bindings and buffers leave together
+        self._bind_cache[batch] = (bindings, buffers)
+        return bindings, buffers
 
     def _run_bound_cpu(self, inputs: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         assert self._sessions is not None
-        bindings = self._bindings(batch)
+        bindings, buffers = self._bindings(batch)
         arrays = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
         for sess, b, (feed_names, _, _) in zip(self._sessions, bindings, self._plan):
             for n in feed_names:
                 if n in arrays:
                     b.bind_cpu_input(n, arrays[n])
             sess.run_with_iobinding(b)
-        buffers = self._buffers[batch]
         return {name: np.array(buffers[name].numpy(), copy=True) for name in self.output_names}
 
     def close(self) -> None:
         """Release every session (a later ``run`` loads each stage again, as in streaming mode)."""
         self._sessions = None
         self._bind_cache.clear()
-        self._buffers.clear()
         gc.collect()
 
     def __enter__(self) -> Executor:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import InputError
+from toolkit.runtime.limits import MAX_MANIFEST_BYTES, limit
 
 FORMAT = "rlhf-export"
 VERSION = 1
@@ -92,11 +93,14 @@ class Manifest:
 
 
 def _fail(where: str, expected: str, got: Any) -> InputError:
-    return InputError(f"invalid manifest, {where}: expected {expected}, got {got!r}")
+    text = repr(got)
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return InputError(f"invalid manifest, {where}: expected {expected}, got {text}")
 
 
 def _tensor(obj: Any, where: str) -> TensorInfo:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         raise _fail(where, "an object with a string 'name'", obj)
     dtype = obj.get("dtype")
     if dtype not in DTYPES:
@@ -104,13 +108,21 @@ def _tensor(obj: Any, where: str) -> TensorInfo:
     shape = obj.get("shape")
     if not isinstance(shape, list) or not all(d is None or (isinstance(d, int) and d >= 0) for d in shape):
         raise _fail(f"{where}.shape", "a list of non-negative ints or null", shape)
+    if any(d is True or d is False for d in shape):
+        raise _fail(f"{where}.shape", "a list of non-negative ints or null, not booleans", shape)
+    if not shape or shape[0] is not None:
+        raise _fail(f"{where}.shape", "null (the batch axis) first", shape)
     return TensorInfo(obj["name"], dtype, tuple(shape))
 
 
 def _tensors(obj: Any, where: str) -> tuple[TensorInfo, ...]:
     if not isinstance(obj, list) or not obj:
         raise _fail(where, "a non-empty list", obj)
-    return tuple(_tensor(t, f"{where}[{i}]") for i, t in enumerate(obj))
+    out = tuple(_tensor(t, f"{where}[{i}]") for i, t in enumerate(obj))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise _fail(where, "distinct tensor names", names)
+    return out
 
 
 def _files(obj: Any, where: str) -> dict[str, FileEntry]:
@@ -124,9 +136,13 @@ def _files(obj: Any, where: str) -> dict[str, FileEntry]:
         file, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
         if not isinstance(file, str) or not file:
             raise _fail(f"{w}.file", "a relative path", file)
-        if not isinstance(digest, str) or len(digest) != 64:
+        if (
+            not isinstance(digest, str)
+            or len(digest) != 64
+            or any(c not in "0123456789abcdefABCDEF" for c in digest)
+        ):
             raise _fail(f"{w}.sha256", "64 hex digits", digest)
-        if not isinstance(size, int) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _fail(f"{w}.bytes", "a non-negative int", size)
         out[variant] = FileEntry(file, digest.lower(), size)
     return out
@@ -136,7 +152,7 @@ def parse_manifest(doc: Any) -> Manifest:
     """Check a manifest document's structure (not the files) and return it parsed.
 
     Raises:
-        ValueError: a field is missing or has the wrong type; the message names the field.
+        InputError: a field is missing or has the wrong type; the message names the field.
     """
     if not isinstance(doc, dict):
         raise _fail("top level", "a JSON object", type(doc).__name__)
@@ -152,37 +168,78 @@ def parse_manifest(doc: Any) -> Manifest:
         w = f"stages[{i}]"
         if not isinstance(st, dict):
             raise _fail(w, "an object", st)
+        parameters = st.get("parameters", 0)
+        if not isinstance(parameters, int) or isinstance(parameters, bool) or parameters < 0:
+            raise _fail(f"{w}.parameters", "a non-negative int", parameters)
         stages.append(
             StageEntry(
                 index=i,
                 inputs=_tensors(st.get("inputs"), f"{w}.inputs"),
                 outputs=_tensors(st.get("outputs"), f"{w}.outputs"),
-                parameters=int(st.get("parameters", 0)),
+                parameters=parameters,
                 files=_files(st.get("files"), f"{w}.files"),
             )
         )
     fused_raw = doc.get("fused")
     fused = _files(fused_raw.get("files"), "fused.files") if isinstance(fused_raw, dict) else {}
     opset = doc.get("opset")
-    if not isinstance(opset, int):
+    if not isinstance(opset, int) or isinstance(opset, bool):
         raise _fail("opset", "an int", opset)
+    inputs = _tensors(doc.get("inputs"), "inputs")
+    outputs = _tensors(doc.get("outputs"), "outputs")
+    _check_flow(inputs, outputs, stages)
     return Manifest(
         name=str(doc.get("name", "")),
         opset=opset,
-        inputs=_tensors(doc.get("inputs"), "inputs"),
-        outputs=_tensors(doc.get("outputs"), "outputs"),
+        inputs=inputs,
+        outputs=outputs,
         stages=tuple(stages),
         fused=fused,
         raw=doc,
     )
 
 
-def read_manifest(export_dir: str | os.PathLike[str]) -> Manifest:
+def _check_flow(
+    inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], stages: list[StageEntry]
+) -> None:
+    """Every stage reads only graph inputs or earlier stages' outputs (with the same dtype and
+    shape), and every graph output is produced somewhere."""
+    known = {t.name: t for t in inputs}
+    for st in stages:
+        for j, t in enumerate(st.inputs):
+            if t.name not in known:
+                raise _fail(
+                    f"stages[{st.index}].inputs[{j}].name",
+                    f"a graph input or an earlier stage's output ({sorted(known)})",
+                    t.name,
+                )
+            if (known[t.name].dtype, known[t.name].shape) != (t.dtype, t.shape):
+                raise _fail(
+                    f"stages[{st.index}].inputs[{j}]",
+                    f"{known[t.name].describe()} as produced earlier",
+                    t.describe(),
+                )
+        for t in st.outputs:
+            known.setdefault(t.name, t)
+    for j, t in enumerate(outputs):
+        if t.name not in known or (known[t.name].dtype, known[t.name].shape) != (t.dtype, t.shape):
+            raise _fail(
+                f"outputs[{j}]", "a tensor some stage produces, with its dtype and shape", t.describe()
+            )
+
+
+def read_manifest(export_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> Manifest:
     """Load ``export_dir/manifest.json`` with the json module (never executes code) and check it.
+
+    Args:
+        export_dir: the export directory.
+        max_bytes: largest manifest read (default ``limits.MAX_MANIFEST_BYTES``, or the environment
+            variable ``RLHF_MAX_MANIFEST_BYTES``).
 
     Raises:
         FileNotFoundError: the directory or its manifest does not exist.
-        ValueError: the manifest is not valid JSON or has the wrong structure.
+        InputError: the manifest is larger than ``max_bytes``, not valid JSON (or nested too
+            deeply), or has the wrong structure.
     """
     root = Path(export_dir)
     if not root.is_dir():
@@ -192,10 +249,30 @@ def read_manifest(export_dir: str | os.PathLike[str]) -> Manifest:
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {root}: expected an export directory written by `rlhf export`"
         )
+    ceiling = max_bytes if max_bytes is not None else limit("RLHF_MAX_MANIFEST_BYTES", MAX_MANIFEST_BYTES)
+    size = path.stat().st_size
+    if size > ceiling:
+        raise InputError(
+            f"invalid manifest {path}: {size} bytes, above the limit max_manifest_bytes={ceiling} "
+            "(raise it with RLHF_MAX_MANIFEST_BYTES)"
+        )
+    with open(path, "rb") as f:
+        data = f.read(ceiling + 1)
+    return parse_manifest_bytes(data, str(path))
+
+
+def parse_manifest_bytes(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
+    """Decode and check a manifest document given as bytes (what ``read_manifest`` reads).
+
+    Raises:
+        InputError: not UTF-8 JSON, nested too deeply, or the wrong structure.
+    """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"invalid manifest {path}: not JSON ({exc})") from None
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"invalid manifest {where}: not JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"invalid manifest {where}: JSON nested too deeply") from None
     return parse_manifest(doc)
 
 
@@ -203,8 +280,10 @@ def safe_path(root: str | os.PathLike[str], rel: str) -> Path:
     """Resolve a manifest path inside ``root``, refusing anything that escapes it.
 
     Raises:
-        ValueError: ``rel`` is absolute, contains ``..``, or resolves (through symlinks) outside ``root``.
+        InputError: ``rel`` is absolute, contains ``..``, or resolves (through symlinks) outside ``root``.
     """
+    if "\x00" in rel:
+        raise InputError(f"manifest path {rel!r} contains a NUL byte: expected a file name")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
         raise InputError(
             f"manifest path {rel!r} is absolute: expected a path relative to the export directory"
@@ -217,6 +296,30 @@ def safe_path(root: str | os.PathLike[str], rel: str) -> Path:
     if target != base and base not in target.parents:
         raise InputError(f"manifest path {rel!r} resolves to {target}, outside the export directory {base}")
     return target
+
+
+def source_path(root: str | os.PathLike[str], manifest: Manifest) -> Path | None:
+    """The checkpoint the manifest's ``source`` names, under the same path policy as its files.
+
+    ``source`` is provenance written by the exporter; it is only followed when it is a path
+    relative to the export directory that stays inside it. Anything else (absolute, ``..``, a
+    symlink out) is refused: a caller that wants it passes the path explicitly instead.
+
+    Returns:
+        The resolved path, or None when the manifest names no source.
+
+    Raises:
+        InputError: ``source`` is not a string, or escapes the export directory.
+    """
+    raw = manifest.raw.get("source")
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise _fail("source", "a path relative to the export directory", raw)
+    try:
+        return safe_path(root, raw)
+    except InputError as exc:
+        raise InputError(f"manifest source: {exc}") from None
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -235,7 +338,7 @@ def read_verified(root: str | os.PathLike[str], entry: FileEntry) -> bytes:
     the load cannot slip through.
 
     Raises:
-        ValueError: unsafe path, or the size/sha256 differ from the manifest (file tampered with).
+        InputError: unsafe path, or the size/sha256 differ from the manifest (file tampered with).
         FileNotFoundError: the file is missing.
     """
     path = safe_path(root, entry.file)
@@ -259,7 +362,7 @@ def verified_path(root: str | os.PathLike[str], entry: FileEntry) -> tuple[Path,
     caller check that the file was not replaced while it was being loaded (``same_file``).
 
     Raises:
-        ValueError: unsafe path, or the size/sha256 differ from the manifest.
+        InputError: unsafe path, or the size/sha256 differ from the manifest.
         FileNotFoundError: the file is missing.
     """
     path = safe_path(root, entry.file)

@@ -1,8 +1,7 @@
 """Layer-wise training: fit each stage of a factorized student to a dense teacher's stage, one at a time.
 
-For stage k, the inputs are the *teacher's* activations at the stage's cut (computed stage by stage, so
-only one stage's activations and weights are live at a time) and the target is the teacher's stage
-output; the student stage minimises the squared error
+For stage k, the inputs are the *teacher's* activations at the stage's cut and the target is the
+teacher's stage output; the student stage minimises the squared error
 
     L_k = mean_b ‖concat(S_k(a_b)) - concat(T_k(a_b))‖² / d_k
 
@@ -10,11 +9,22 @@ output; the student stage minimises the squared error
 SVD of the teacher's dense layer at the student's rank; stages without a factorized layer take the
 teacher's weights. Each stage is trained like a small run under RUN_DIR/stages/K/; the assembled
 student is checkpointed in RUN_DIR/checkpoints/ and evaluated end to end.
+
+Memory: one stage at a time. Teacher and student are built on the ``meta`` device (shapes only);
+for stage k, only teacher stage k is read from the checkpoint (``StreamedWeights``: the file is
+hash-checked in chunks, then just that stage's tensors are read), only student stage k is
+materialized, and only the activations crossing cut k (every split) plus the stage's outputs are
+held; tensors no later stage reads are dropped. A trained student stage is written to
+``RUN_DIR/.layerwise-stages/stage-K.safetensors`` and released. At the end the student (factorized, so smaller than
+the teacher) is assembled from those files for the end-to-end evaluation and its checkpoint, so the
+peak is the larger of {one teacher stage + one student stage + one cut's activations} and {the
+whole student}. ``benchmarks/bench_layerwise.py`` measures it.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +32,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
-from toolkit.checkpoint import CKPT_DIR, load_model, save_checkpoint
+from toolkit.checkpoint import CKPT_DIR, save_checkpoint
+from toolkit.checkpoint_stream import StreamedWeights
 from toolkit.data import Split, Splits, load_data
 from toolkit.errors import InputError
 from toolkit.train.loop import FitSetup, Progress, TrainResult, count_params, fit
 from toolkit.train.losses import get_loss
 from toolkit.train.metrics import evaluate
 from toolkit.train.run import _prepare_dir, _write_json, pick_device
+
+SCRATCH = ".layerwise-stages"
 
 
 class StageOutputs(nn.Module):
@@ -111,7 +126,7 @@ def train_layerwise(
         ValueError: the teacher's stages do not match the student's.
     """
     from toolkit.builder import build_model
-    from toolkit.spec import load_spec
+    from toolkit.spec import load_spec, parse_spec
 
     if not hasattr(spec, "train"):
         spec = load_spec(spec)
@@ -124,9 +139,15 @@ def train_layerwise(
     from toolkit.train.distributed import World
 
     _prepare_dir(run, overwrite, World())
-    t_model, _, _ = load_model(teacher, device=dev)
-    t_model.to(dtype=dtype)
-    student = build_model(spec, seed=cfg.seed).to(dev, dtype)
+    t_weights = StreamedWeights(teacher)
+    with torch.device("meta"):  # shapes only; each stage is materialized when its turn comes
+        t_model = build_model(
+            parse_spec(t_weights.spec, source=f"{teacher} (embedded spec)"),
+            seed=0,
+            dense=bool(t_weights.meta.get("dense", False)),
+        )
+        student = build_model(spec, seed=cfg.seed)
+        dense_params = count_params(build_model(spec, seed=cfg.seed, dense=True))
     if len(t_model.stages) != len(student.stages):
         raise InputError(
             f"--teacher {teacher}: expected {len(student.stages)} stages like the spec, got {len(t_model.stages)}"
@@ -149,13 +170,21 @@ def train_layerwise(
     if max_steps is not None:
         fit_cfg = fit_cfg.model_copy(update={"max_steps": max_steps})
     total_steps, seconds, skipped = 0, 0.0, 0
-    for k, (s_stage, t_stage) in enumerate(zip(s_stages, t_stages)):
-        _init_from_teacher(s_stage, t_stage)
+    scratch = run / SCRATCH  # each trained student stage, until the student is assembled
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    for k in range(len(s_stages)):
+        t_stage = _materialize_teacher(t_stages[k], t_weights, k, dev, dtype)
+        s_stage = _materialize_student(s_stages[k], t_stage, dev, dtype)
         targets = {
             p: _run_stage(t_stage, [acts[p][n] for n in t_stage.input_names], dev, dtype) for p in acts
         }
         has_factors = any(hasattr(m, "rank_factors") for m in s_stage.modules())
         if has_factors:
+            stage_dir = run / "stages" / str(k)
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            stage_dir.mkdir(parents=True)
             parts = [
                 Split(
                     {n: acts[p][n] for n in s_stage.input_names},
@@ -164,10 +193,6 @@ def train_layerwise(
                 for p in ("train", "val", "test")
             ]
             splits = Splits(parts[0], parts[1], parts[2], source=f"teacher stage {k}")
-            stage_dir = run / "stages" / str(k)
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            stage_dir.mkdir(parents=True)
             wrapper = StageOutputs(s_stage)
             stage_layers = {n: m for n, m in s_stage.named_children() if hasattr(m, "rank_factors")}
             res = fit(
@@ -184,8 +209,24 @@ def train_layerwise(
                 seconds + res.seconds,
                 skipped + res.skipped_steps,
             )
-        for p in acts:  # move the cut forward with the teacher's activations
+            del parts, splits, wrapper, stage_layers
+        trained = {n: v.detach().cpu().contiguous() for n, v in s_stage.state_dict().items()}
+        atomic_write_bytes(scratch / f"stage-{k}.safetensors", st_save(trained, metadata={"stage": str(k)}))
+        later = {n for st in t_stages[k + 1 :] for n in st.input_names} | set(student.output_names)
+        for p in acts:  # move the cut forward with the teacher's activations, keep what is still read
             acts[p].update(zip(t_stage.output_names, targets[p]))
+            acts[p] = {n: a for n, a in acts[p].items() if n in later}
+        t_stage.to("meta")  # release both stages' memory before the next stage is read
+        s_stage.to("meta")
+        del t_stage, s_stage, trained, targets
+        gc.collect()
+    del acts, t_model
+    for k, stage in enumerate(student.stages):  # the meta student takes the trained tensors as they are
+        stage.load_state_dict(
+            st_load((scratch / f"stage-{k}.safetensors").read_bytes()), strict=True, assign=True
+        )
+    _check_materialized(student, "student")
+    student.to(dev, dtype)
     loss_fn = get_loss(cfg.loss)
     names = list(student.input_names)
     student.eval()
@@ -199,7 +240,58 @@ def train_layerwise(
         run_dir=str(run), status="completed", steps=total_steps, total_steps=total_steps, seconds=seconds,
         skipped_steps=skipped, final_train_loss=None, val=val, test=test, best_test=test,
         ranks=dict(student.ranks()), params=count_params(student),
-        dense_params=count_params(build_model(spec, seed=cfg.seed, dense=True)), checkpoint=str(ckpt),
+        dense_params=dense_params, checkpoint=str(ckpt),
     )  # fmt: skip
     _write_json(run / "summary.json", result.to_dict())
+    shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _materialize_teacher(
+    meta_stage: Any, weights: StreamedWeights, k: int, dev: torch.device, dtype: torch.dtype
+) -> Any:
+    """Teacher stage k holding the tensors read from the checkpoint (only this stage's, one copy)."""
+    try:
+        meta_stage.load_state_dict(weights.read(f"stages.{k}."), strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(
+            f"--teacher {weights.path}: stage {k} does not fit its embedded spec: {first}"
+        ) from exc
+    _check_materialized(meta_stage, f"teacher stage {k}")
+    return meta_stage.to(dev, dtype).eval()
+
+
+def _check_materialized(module: nn.Module, what: str) -> None:
+    """Every parameter and buffer was loaded (none left on the ``meta`` device).
+
+    Raises:
+        RuntimeError: a tensor the checkpoint does not hold (e.g. a non-persistent buffer).
+    """
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if t.device.type == "meta":
+            raise RuntimeError(
+                f"layer-wise: {what}: tensor {name} is not in the checkpoint, cannot stream it"
+            )
+
+
+def _materialize_student(meta_stage: Any, teacher_stage: Any, dev: torch.device, dtype: torch.dtype) -> Any:
+    """Student stage k, every parameter and buffer taken from the teacher's stage (``_init_from_teacher``).
+
+    Raises:
+        RuntimeError: a tensor the initialisation did not write (a bug: it is filled with NaN first).
+    """
+    stage = meta_stage.to_empty(device=dev).to(dtype=dtype)
+    with torch.no_grad():
+        for t in [*stage.parameters(), *stage.buffers()]:
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        teacher_buffers = dict(teacher_stage.named_buffers())
+        for name, b in stage.named_buffers():
+            if name in teacher_buffers:
+                b.copy_(teacher_buffers[name])
+    _init_from_teacher(stage, teacher_stage)
+    for name, t in [*stage.named_parameters(), *stage.named_buffers()]:
+        if t.is_floating_point() and torch.isnan(t).any():
+            raise RuntimeError(f"layer-wise: student tensor {name} was not initialised from the teacher")
+    return stage
