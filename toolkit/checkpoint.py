@@ -31,15 +31,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from toolkit import limits
 from toolkit.errors import InputError
 from toolkit.fsio import fsync_dir, replace_dir, write_synced
 
 FORMAT = "rlhf-checkpoint/1"
 
-MAX_MODEL_PARAMS = 10_000_000_000
-"""Ceiling on the parameters a checkpoint's embedded spec may make ``load_model`` allocate;
-override with the environment variable ``RLHF_MAX_MODEL_PARAMS`` (the same setting as the spec
-checks' ``max_model_params``)."""
 WEIGHTS, STATE, INDEX = "model.safetensors", "state.pt", "checkpoint.json"
 CKPT_DIR = "checkpoints"
 
@@ -213,17 +210,12 @@ def find_checkpoint(run_dir: str | Path, prefer_best: bool = True) -> Path:
 
 
 def max_model_params() -> int:
-    """The parameter ceiling: ``RLHF_MAX_MODEL_PARAMS`` when set, else ``MAX_MODEL_PARAMS``.
+    """The parameter ceiling of ``toolkit.limits`` (``RLHF_MAX_MODEL_PARAMS``, else ``MAX_MODEL_PARAMS``).
 
     Raises:
         InputError: the environment variable is not a positive integer.
     """
-    raw = os.environ.get("RLHF_MAX_MODEL_PARAMS", "").strip()
-    if not raw:
-        return MAX_MODEL_PARAMS
-    if not raw.isdigit() or int(raw) < 1:
-        raise InputError(f"RLHF_MAX_MODEL_PARAMS: expected a positive integer, got {raw!r}")
-    return int(raw)
+    return limits.limit("max_model_params")
 
 
 def check_weights_fit(
@@ -275,7 +267,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[An
         checkpoint's run metadata.
 
     The model the embedded spec describes is first built on the ``meta`` device (shapes, no
-    memory): its parameter count is checked against ``MAX_MODEL_PARAMS`` and its tensor shapes
+    memory): its parameter count is checked against ``toolkit.limits.MAX_MODEL_PARAMS`` and its tensor shapes
     against the weights in the file before the real model is allocated, so a small file whose
     spec names an absurd model is refused without allocating it.
 

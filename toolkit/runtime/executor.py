@@ -230,11 +230,11 @@ class Executor:
         self.fused = fused
         self.units = self._units(variant, fused)
         if memory_budget is not None and memory_budget <= 0:
-            raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
+            raise InputError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
         self.memory_budget = memory_budget
         largest = max(u.entry.bytes + _nbytes(u.inputs, 1) + _nbytes(u.outputs, 1) for u in self.units)
         if memory_budget is not None and largest > memory_budget:
-            raise ValueError(
+            raise InputError(
                 f"memory_budget: expected at least {largest} bytes (the largest stage plus its activations "
                 f"at batch 1), got {memory_budget}"
             )
@@ -258,10 +258,10 @@ class Executor:
         m = self.manifest
         if fused:
             if variant not in m.fused:
-                raise ValueError(f"fused variant: expected one of {sorted(m.fused)}, got {variant!r}")
+                raise InputError(f"fused variant: expected one of {sorted(m.fused)}, got {variant!r}")
             return [_Unit("fused", m.fused[variant], m.inputs, m.outputs)]
         if variant not in m.variants():
-            raise ValueError(f"variant: expected one of {m.variants()}, got {variant!r}")
+            raise InputError(f"variant: expected one of {m.variants()}, got {variant!r}")
         return [_Unit(f"stage {s.index}", s.files[variant], s.inputs, s.outputs) for s in m.stages]
 
     def _load(self, unit: _Unit) -> ort.InferenceSession:
@@ -360,7 +360,7 @@ class Executor:
             problems.append(f"inputs disagree on the batch size: got {sorted(batches)}")
         if problems:
             listing = "[" + ", ".join(t.describe() for t in expected) + "]"
-            raise ValueError("; ".join(problems) + f"; expected: {listing}")
+            raise InputError("; ".join(problems) + f"; expected: {listing}")
         return batches.pop() if batches else 1
 
     def _fast_check(self, inputs: Mapping[str, Any]) -> int | None:
