@@ -57,7 +57,7 @@ def brute_force(profile: ModelProfile, doc: dict, objective: str) -> tuple[float
     for k in range(1, min(n, len(devs)) + 1):
         for inner in itertools.combinations(range(1, n), k - 1):
             bounds = [0, *inner, n]
-            ranges = list(zip(bounds, bounds[1:]))
+            ranges = list(itertools.pairwise(bounds))
             for seq in itertools.permutations(range(len(devs)), k):
                 times, ok = [], True
                 for (s, e), d in zip(ranges, seq):

@@ -23,6 +23,7 @@ memory instead), and the plan says so (``exact=False``); :func:`lower_bound` bou
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -128,7 +129,7 @@ def evaluate(
     n = len(profile.units)
     if [p[0] for p in partition][:1] != [0] or partition[-1][1] != n:
         raise InputError(f"placement: expected ranges covering units 0..{n}, got {list(partition)}")
-    for (_, b), (c, _) in zip(partition, partition[1:]):
+    for (_, b), (c, _) in itertools.pairwise(partition):
         if b != c:
             raise InputError(f"placement: ranges must be contiguous, got {list(partition)}")
     unknown = [d for d in devices if d not in by_name]
