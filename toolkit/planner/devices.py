@@ -34,7 +34,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _number(value: str) -> float | None:
+    """``'1.0e15'`` (a string to PyYAML, which wants ``1.0e+15``) as a float, else None."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 def _size(value: Any) -> Any:
+    if isinstance(value, str) and _number(value) is not None:
+        value = _number(value)
     if isinstance(value, bool):
         raise ValueError(f"expected a size like 2000000 or '2GB', got {value!r}")
     if isinstance(value, float) and value.is_integer():
@@ -62,7 +72,8 @@ class LinkSpec(_Strict):
     @classmethod
     def _bw(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return float(parse_bytes(v.removesuffix("/s")))
+            num = _number(v)
+            return num if num is not None else float(parse_bytes(v.removesuffix("/s")))
         return v
 
 
