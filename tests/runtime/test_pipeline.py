@@ -1,0 +1,176 @@
+"""The Ray pipeline: bit-equal to the Executor, survives a killed actor, refuses bad input.
+
+One local Ray cluster (2 CPUs, devices a, b, c as custom resources) for the whole module, always
+shut down; every test is time-bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import main
+from toolkit.errors import InputError
+from toolkit.runtime import Executor
+from toolkit.runtime.placement import PlacedStage, Placement, load_placement, save_placement
+
+ray = pytest.importorskip("ray")
+Fixture = tuple[Path, Any, dict[str, np.ndarray]]
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        resources={"device:a": 1, "device:b": 1, "device:c": 1},
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _placement(export: Path, ranges: list[tuple[int, int]], devices: list[str]) -> Placement:
+    sha = hashlib.sha256((export / "manifest.json").read_bytes()).hexdigest()
+    return Placement(tuple(PlacedStage(d, r) for d, r in zip(devices, ranges)), sha, "digits-mlp", batch=8)
+
+
+def _requests(n: int, batch: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((batch, 64)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize(("ranges", "devices"), [([(0, 1), (1, 2)], ["a", "b"]), ([(0, 2)], ["c"])])
+def test_bit_equal_to_executor(ray_cluster: Any, default_export: Fixture, ranges: Any, devices: Any) -> None:
+    from toolkit.runtime.pipeline import Pipeline
+
+    export, _, sample = default_export
+    reqs = [*_requests(12), {"x": sample["x"][:5]}]
+    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
+    with Pipeline(export, _placement(export, ranges, devices), threads=1, max_in_flight=3) as pipe:
+        outs = pipe.run_batches(reqs)
+        stats = pipe.stats()
+    assert len(outs) == len(reqs)
+    for req, out in zip(reqs, outs):
+        np.testing.assert_array_equal(out["head"], ex.run(req)["head"])
+    assert stats["requests"] == len(reqs) and stats["duplicates"] == 0 and stats["retries"] == 0
+    assert len(stats["utilisation"]) == len(devices) and all(0 < u <= 1 for u in stats["utilisation"])
+    assert stats["p50_ms"] <= stats["p99_ms"]
+
+
+def test_survives_killed_actor(ray_cluster: Any, default_export: Fixture) -> None:
+    from toolkit.runtime.pipeline import Pipeline
+
+    export, _, _ = default_export
+    reqs = _requests(40, seed=1)
+    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
+    # stage b repeats its work 300 times per request: it is busy, so calls queue up behind it
+    with Pipeline(
+        export, _placement(export, [(0, 1), (1, 2)], ["a", "b"]), max_in_flight=4, slowdown={"b": 300}
+    ) as pipe:
+        victim = pipe.actors[1]
+        pid_before = ray.get(victim.pid.remote())
+        seen: list[int] = []
+
+        def feed() -> Iterator[dict[str, np.ndarray]]:
+            for i, r in enumerate(reqs):
+                if i == 12:
+                    ray.kill(victim, no_restart=False)  # dies with requests queued and running
+                yield r
+
+        for idx, out in pipe.stream(feed()):
+            seen.append(idx)
+            np.testing.assert_array_equal(out["head"], ex.run(reqs[idx])["head"])
+        stats = pipe.stats()
+        assert ray.get(victim.pid.remote()) != pid_before  # the same actor handle, restarted
+    assert sorted(seen) == list(range(len(reqs)))  # none lost, none answered twice
+    assert stats["retries"] >= 1 and stats["duplicates"] == 0
+    assert len(stats["recoveries_s"]) >= 1
+
+
+def test_placement_for_another_export_refused(
+    ray_cluster: Any, default_export: Fixture, tmp_path: Path
+) -> None:
+    from toolkit.runtime.pipeline import Pipeline
+
+    export, _, _ = default_export
+    good = _placement(export, [(0, 1), (1, 2)], ["a", "b"])
+    other = Placement(good.stages, "0" * 64, "other")
+    with pytest.raises(InputError, match="manifest sha256"):
+        Pipeline(export, other)
+    short = Placement((PlacedStage("a", (0, 1)),), good.export_sha256, "digits-mlp")
+    with pytest.raises(InputError, match=r"expected 0\.\.2"):
+        Pipeline(export, short)
+    wrong_outputs = Placement((PlacedStage("a", (0, 1), ("nope",)), PlacedStage("b", (1, 2))), None)
+    with pytest.raises(InputError, match="hands on"):
+        Pipeline(export, wrong_outputs)
+    with pytest.raises(InputError, match="no resource for devices"):
+        Pipeline(export, _placement(export, [(0, 1), (1, 2)], ["a", "zz"]))
+    with pytest.raises(InputError, match="not reachable"):
+        Pipeline(export, good, address="127.0.0.1:1")
+    # the CLI: one line, exit 2
+    path = tmp_path / "placement.yaml"
+    save_placement(other, path)
+    assert load_placement(path) == other
+    x = tmp_path / "x.npy"
+    np.save(x, _requests(1)[0]["x"])
+    res = CliRunner().invoke(
+        main,
+        ["serve", str(export), "--placement", str(path), "--input", str(x), "-o", str(tmp_path / "y.npy")],
+    )
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    save_placement(good, path)
+    res = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(export),
+            "--placement",
+            str(path),
+            "--input",
+            str(x),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--address",
+            "127.0.0.1:1",
+        ],
+    )
+    assert res.exit_code == 2 and "not reachable" in res.output, res.output
+
+
+def test_serve_cli_matches_run(ray_cluster: Any, default_export: Fixture, tmp_path: Path) -> None:
+    export, _, sample = default_export
+    path = tmp_path / "placement.yaml"
+    save_placement(_placement(export, [(0, 1), (1, 2)], ["a", "b"]), path)
+    np.save(tmp_path / "x.npy", sample["x"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "serve",
+            str(export),
+            "--placement",
+            str(path),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--micro-batch",
+            "8",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
+    want = np.concatenate(
+        [ex.run({"x": sample["x"][i : i + 8]})["head"] for i in range(0, len(sample["x"]), 8)]
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
