@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,pipeline]
 
 ``--quick`` (tiny budgets, to check that the scripts run) writes its reports under
 runs/bench-quick/, so the recorded figures in docs/ are only ever replaced by full runs.
@@ -24,6 +24,10 @@ BENCHES = {
     "optim": ("bench_optim.py", "Hessian-free vs Adam vs L-BFGS; curvature-product cost"),
     "runtime": ("bench_runtime.py", "Per-stage onnxruntime vs fused vs torch; streaming; int8"),
     "factorize": ("bench_factorize.py", "Factorizing dense models: digits MLP, MiniLM, ASVD vs SVD"),
+    "pipeline": (
+        "bench_pipeline.py",
+        "Stages on a Ray pipeline: planner vs measured, heterogeneous devices, a killed actor",
+    ),
 }
 
 

@@ -77,6 +77,7 @@ class Pipeline:
         max_restarts: how often each actor may be restarted after it dies.
         max_attempts: how often one request may be submitted before the error is raised.
         slowdown: device name -> repeat factor (the benchmark's emulation of a slower device).
+        fused: one stage holding every export stage runs the export's fused file instead.
 
     Raises:
         InputError: a placement for another export, an unreachable cluster, or a device the
@@ -95,6 +96,7 @@ class Pipeline:
         max_attempts: int = 4,
         slowdown: Mapping[str, int] | None = None,
         variant: str = "fp32",
+        fused: bool = False,
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
@@ -106,6 +108,8 @@ class Pipeline:
         unknown = sorted(set(slowdown or {}) - set(devices))
         if unknown:
             raise InputError(f"slowdown: unknown devices {unknown}; placed devices: {devices}")
+        if fused and len(self.placement.stages) != 1:
+            raise InputError(f"fused: expected a placement with one stage, got {len(self.placement.stages)}")
         if address is not None:
             check_reachable(address)
         import ray
@@ -151,6 +155,7 @@ class Pipeline:
                 threads,
                 int((slowdown or {}).get(st.device, 1)),
                 variant,
+                fused,
             )
             for st in self.placement.stages
         ]

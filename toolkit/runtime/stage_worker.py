@@ -30,13 +30,21 @@ class StageWorker:
         repeat: run the stages this many times per request (1 normally; the benchmark emulates a
             device ``repeat`` times slower this way; the outputs are those of the last run, the
             same bits every time).
+        fused: run the export's single fused file instead (the range must cover every stage).
 
     Raises:
         ValueError, FileNotFoundError: an unsafe path, a missing file or a sha256 mismatch.
     """
 
     def __init__(
-        self, export_dir: str, start: int, stop: int, threads: int = 1, repeat: int = 1, variant: str = "fp32"
+        self,
+        export_dir: str,
+        start: int,
+        stop: int,
+        threads: int = 1,
+        repeat: int = 1,
+        variant: str = "fp32",
+        fused: bool = False,
     ) -> None:
         root = Path(export_dir)
         manifest = read_manifest(root)
@@ -49,13 +57,20 @@ class StageWorker:
         config = SessionConfig(intra_op_threads=threads)
         self.sessions = []
         self.io: list[tuple[list[str], list[str]]] = []
-        for st in manifest.stages[start:stop]:
-            path, before = verified_path(root, st.files[variant])
+        units = [(st.files[variant], st.inputs, st.outputs) for st in manifest.stages[start:stop]]
+        if fused:
+            if (start, stop) != (0, len(manifest.stages)) or variant not in manifest.fused:
+                raise ValueError(
+                    f"fused: expected the range 0..{len(manifest.stages)} and a fused {variant} file"
+                )
+            units = [(manifest.fused[variant], manifest.inputs, manifest.outputs)]
+        for entry, ins, outs in units:
+            path, before = verified_path(root, entry)
             sess = create_session(str(path), ["CPUExecutionProvider"], config, strict=True)
             if not same_file(path, before):
-                raise ValueError(f"{st.files[variant].file} changed while it was being loaded: refusing it")
+                raise ValueError(f"{entry.file} changed while it was being loaded: refusing it")
             self.sessions.append(sess)
-            self.io.append(([t.name for t in st.inputs], [t.name for t in st.outputs]))
+            self.io.append(([t.name for t in ins], [t.name for t in outs]))
         later = {t.name for st in manifest.stages[stop:] for t in st.inputs}
         self.keep = later | {t.name for t in manifest.outputs}
         self.repeat = repeat
