@@ -229,6 +229,10 @@ def main() -> int:
             "bit_equal_to_executor": equal_bits,
             "partition": equal.partition(),
             "utilisation": piped["utilisation"],
+            "cpu_share": piped["cpu_share"],
+            "stage_busy_ms": [1e3 * b for b in piped["busy_s_per_request"]],
+            "fused_busy_ms": 1e3 * fused["busy_s_per_request"][0],
+            "fused_cpu_share": fused["cpu_share"][0],
             "p50_ms": piped["p50_ms"],
             "p99_ms": piped["p99_ms"],
             "load_avg": [fused["load_avg"], piped["load_avg"]],
@@ -366,7 +370,9 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"Per-unit latency measured by `profile_export` (ms): {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms'])}.",
         f"Pipeline utilisation per stage: {', '.join(f'{100 * u:.0f}%' for u in t['utilisation'])}; latency p50 {t['p50_ms']:.1f} ms, "
-        f"p99 {t['p99_ms']:.1f} ms. Load average during each run (start, end): {t['load_avg']} (fused, pipeline); "
+        f"p99 {t['p99_ms']:.1f} ms; per stage {', '.join(f'{x:.1f}' for x in t['stage_busy_ms'])} ms of wall time per "
+        f"micro-batch with a {', '.join(f'{100 * c:.0f}%' for c in t['cpu_share'])} share of a core while running (the fused "
+        f"actor: {t['fused_busy_ms']:.1f} ms, {100 * t['fused_cpu_share']:.0f}% of a core). Load average during each run (start, end): {t['load_avg']} (fused, pipeline); "
         f"heterogeneous {h['load_avg']} (equal split, planner).",
         "",
         "How the slow device is emulated: its actor runs each request's stages three times (the outputs are the same bits), "

@@ -49,14 +49,21 @@ def _requests(n: int, batch: int = 8, seed: int = 0) -> list[dict[str, np.ndarra
     return [{"x": rng.standard_normal((batch, 64)).astype(np.float32)} for _ in range(n)]
 
 
-@pytest.mark.parametrize(("ranges", "devices"), [([(0, 1), (1, 2)], ["a", "b"]), ([(0, 2)], ["c"])])
-def test_bit_equal_to_executor(ray_cluster: Any, default_export: Fixture, ranges: Any, devices: Any) -> None:
+@pytest.mark.parametrize(
+    ("ranges", "devices", "fused"),
+    [([(0, 1), (1, 2)], ["a", "b"], False), ([(0, 2)], ["c"], False), ([(0, 2)], ["a"], True)],
+)
+def test_bit_equal_to_executor(
+    ray_cluster: Any, default_export: Fixture, ranges: Any, devices: Any, fused: bool
+) -> None:
     from toolkit.runtime.pipeline import Pipeline
 
     export, _, sample = default_export
     reqs = [*_requests(12), {"x": sample["x"][:5]}]
-    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
-    with Pipeline(export, _placement(export, ranges, devices), threads=1, max_in_flight=3) as pipe:
+    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1}, fused=fused)
+    with Pipeline(
+        export, _placement(export, ranges, devices), threads=1, max_in_flight=3, fused=fused
+    ) as pipe:
         outs = pipe.run_batches(reqs)
         stats = pipe.stats()
     assert len(outs) == len(reqs)
@@ -65,6 +72,7 @@ def test_bit_equal_to_executor(ray_cluster: Any, default_export: Fixture, ranges
     assert stats["requests"] == len(reqs) and stats["duplicates"] == 0 and stats["retries"] == 0
     assert len(stats["utilisation"]) == len(devices) and all(0 < u <= 1 for u in stats["utilisation"])
     assert stats["p50_ms"] <= stats["p99_ms"]
+    assert all(0 < c <= 1.05 for c in stats["cpu_share"])
 
 
 def test_survives_killed_actor(ray_cluster: Any, default_export: Fixture) -> None:
@@ -117,6 +125,8 @@ def test_placement_for_another_export_refused(
         Pipeline(export, _placement(export, [(0, 1), (1, 2)], ["a", "zz"]))
     with pytest.raises(InputError, match="not reachable"):
         Pipeline(export, good, address="127.0.0.1:1")
+    with pytest.raises(InputError, match="fused: expected a placement with one stage"):
+        Pipeline(export, good, fused=True)
     # the CLI: one line, exit 2
     path = tmp_path / "placement.yaml"
     save_placement(other, path)

@@ -172,6 +172,7 @@ class Pipeline:
         """Forget the figures so far (the next stream starts a new measurement)."""
         self.latencies: list[float] = []
         self.busy = [0.0] * len(self.actors)
+        self.cpu = [0.0] * len(self.actors)
         self.answered: set[int] = set()
         self.retries = 0
         self.duplicates = 0
@@ -182,7 +183,12 @@ class Pipeline:
         self._pending_failure: float | None = None
 
     def stats(self) -> dict[str, Any]:
-        """Throughput, latency percentiles (ms), per-stage utilisation, retries, recoveries."""
+        """Throughput, latency percentiles (ms), per-stage utilisation, retries, recoveries.
+
+        ``utilisation``: the share of the wall time each stage spent running requests;
+        ``cpu_share``: CPU seconds / wall seconds while running (below 1 when other processes took
+        the core); ``busy_s_per_request``: each stage's wall seconds per request.
+        """
         wall = (self._t_last - self._t0) if self._t0 is not None else 0.0
         lat = np.asarray(self.latencies) * 1e3
         pct = {f"p{q}_ms": float(np.percentile(lat, q)) if lat.size else float("nan") for q in (50, 90, 99)}
@@ -192,6 +198,8 @@ class Pipeline:
             "throughput_rps": len(self.answered) / wall if wall > 0 else 0.0,
             **pct,
             "utilisation": [b / wall if wall > 0 else 0.0 for b in self.busy],
+            "cpu_share": [c / b if b > 0 else 0.0 for b, c in zip(self.busy, self.cpu)],
+            "busy_s_per_request": [b / max(1, len(self.answered)) for b in self.busy],
             "devices": [s.device for s in self.placement.stages],
             "retries": self.retries,
             "duplicates": self.duplicates,
@@ -283,6 +291,7 @@ class Pipeline:
                 self.latencies.append(now - started.pop(rid))
                 for k, rec in enumerate(records):
                     self.busy[k] += rec["busy_s"]
+                    self.cpu[k] += rec["cpu_s"]
                 self._t_last = now
                 if self._pending_failure is not None:
                     self.recoveries.append(now - self._pending_failure)

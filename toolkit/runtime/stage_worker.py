@@ -83,17 +83,25 @@ class StageWorker:
 
         Returns:
             (tensors for the next stage or the graph outputs, timing record
-            ``{"id", "pid", "busy_s", "end"}``; ``end`` is ``time.time()`` when the run finished).
+            ``{"id", "pid", "busy_s", "cpu_s", "end"}``: wall and CPU seconds of this call (with one
+            intra-op thread onnxruntime computes on the calling thread, so ``cpu_s / busy_s`` is the
+            share of a core the stage got), ``end`` is ``time.time()`` when the run finished).
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         local: dict[str, Any] = {}
         for _ in range(self.repeat):
             local = dict(env)
             for sess, (ins, outs) in zip(self.sessions, self.io):
                 local.update(zip(outs, sess.run(outs, {n: local[n] for n in ins})))
         result = {k: v for k, v in local.items() if k in self.keep}
-        busy = time.perf_counter() - t0
-        return result, {"id": request_id, "pid": os.getpid(), "busy_s": busy, "end": time.time()}
+        busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        return result, {
+            "id": request_id,
+            "pid": os.getpid(),
+            "busy_s": busy,
+            "cpu_s": cpu,
+            "end": time.time(),
+        }
 
     def pid(self) -> int:
         """The worker's process id (tests kill it; the pipeline reports restarts)."""
