@@ -157,26 +157,41 @@ def test_placement_for_another_export_refused(
     assert res.exit_code == 2 and "not reachable" in res.output, res.output
 
 
-def test_serve_cli_matches_run(ray_cluster: Any, default_export: Fixture, tmp_path: Path) -> None:
+def test_plan_export_then_serve_matches_run(
+    ray_cluster: Any, default_export: Fixture, tmp_path: Path
+) -> None:
+    """rlhf plan EXPORT writes a placement naming the export; rlhf serve runs it, equal to rlhf run."""
     export, _, sample = default_export
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices: [{name: a, memory: 1GB}, {name: b, memory: 1GB}]\n"
+        "links: {default: {bandwidth: 1.0e+15, latency: 0}}\n"
+    )
     path = tmp_path / "placement.yaml"
-    save_placement(_placement(export, [(0, 1), (1, 2)], ["a", "b"]), path)
-    np.save(tmp_path / "x.npy", sample["x"])
     res = CliRunner().invoke(
         main,
         [
-            "serve",
+            "plan",
             str(export),
+            "--devices",
+            str(devices),
+            "--batch",
+            "8",
+            "--seconds",
+            "0.2",
             "--placement",
             str(path),
-            "--input",
-            str(tmp_path / "x.npy"),
-            "-o",
-            str(tmp_path / "y.npy"),
-            "--micro-batch",
-            "8",
         ],
         catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    pl = load_placement(path)
+    sha = hashlib.sha256((export / "manifest.json").read_bytes()).hexdigest()
+    assert pl.export_sha256 == sha and [s.units for s in pl.stages] == [(0, 1), (1, 2)]
+    np.save(tmp_path / "x.npy", sample["x"])
+    args = ["serve", str(export), "--placement", str(path), "--input", str(tmp_path / "x.npy")]
+    res = CliRunner().invoke(
+        main, [*args, "-o", str(tmp_path / "y.npy"), "--micro-batch", "8"], catch_exceptions=False
     )
     assert res.exit_code == 0, res.output
     ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
