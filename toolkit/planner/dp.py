@@ -18,7 +18,12 @@ sets with numpy (one vectorised step per (set, last device, next device)). Inter
 (same memory, speed and links) are only taken in file order, which removes symmetric states. The
 programme is exponential in the number of devices it considers: above ``max_exact`` devices it
 runs on the ``max_exact`` candidates with the highest speed (two of them chosen for the largest
-memory instead), and the plan says so (``exact=False``); :func:`lower_bound` bounds the gap.
+memory instead), and the plan says so (``exact=False``). For the throughput objective on such a
+cluster a threshold search over every device is tried too: bisect the bottleneck ``B`` between
+the lower bound and the candidates' plan, and for each ``B`` walk the chain giving the fastest
+unused device the longest stage it can run within ``B`` (and its memory), skipping a device whose
+link from the previous one would exceed ``B``; the better plan wins (``plan.method``).
+:func:`lower_bound` bounds the gap either way.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Plan:
         latency_s: one micro-batch end to end (sum of every compute and transfer).
         lower_bound_s: a bottleneck no plan can beat (see :func:`lower_bound`).
         exact: the programme considered every device (else the ``candidates``).
+        method: "exact", "candidates" (the programme over ``candidates``) or "threshold search".
     """
 
     stages: tuple[Stage, ...]
@@ -72,6 +78,7 @@ class Plan:
     exact: bool
     candidates: tuple[str, ...]
     seconds: float
+    method: str = "exact"
 
     @property
     def throughput(self) -> float:
@@ -178,6 +185,55 @@ def _twins(devices: Sequence[Device], cluster: Cluster) -> list[int]:
                 break
         out.append(twin)
     return out
+
+
+def _threshold_search(
+    profile: ModelProfile, cluster: Cluster, low: float, high: float, iterations: int = 40
+) -> tuple[list[tuple[int, int]], list[str]] | None:
+    """Smallest bottleneck (by bisection in [low, high]) for which the greedy walk covers the chain."""
+    c, w, a = _prefix(profile)
+    n = len(profile.units)
+    order = sorted(cluster.devices, key=lambda d: (-d.speed, -d.memory))
+    default = cluster.default
+
+    def walk(bound: float) -> tuple[list[tuple[int, int]], list[str]] | None:
+        j, prev = 0, None
+        ranges: list[tuple[int, int]] = []
+        names: list[str] = []
+        for d in order:
+            if j == n:
+                break
+            if prev is not None and cluster.link_seconds(prev, d.name, float(a[j])) > bound:
+                continue
+            best = None
+            for k in range(j + 1, n + 1):
+                if (c[k] - c[j]) / d.speed > bound:
+                    break
+                if w[k] - w[j] + a[j] + a[k] > d.memory:
+                    continue
+                if k < n and default is not None and default.seconds(float(a[k])) > bound:
+                    continue
+                best = k
+            if best is None:
+                continue
+            ranges.append((j, best))
+            names.append(d.name)
+            prev, j = d.name, best
+        return (ranges, names) if j == n else None
+
+    found = walk(high)
+    if found is None:
+        return None
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        attempt = walk(mid)
+        if attempt is None:
+            low = mid
+        else:
+            high, found = mid, attempt
+        if high - low <= 1e-6 * high:
+            break
+    return found
 
 
 def plan_pipeline(
@@ -289,38 +345,55 @@ def plan_pipeline(
             continue
         if final is None or f < final[0] * (1 - 1e-12) or (f <= final[0] * (1 + 1e-12) and s < final[1]):
             final = (f, s, mask, d)
-    if final is None:
+    exact = len(devs) == len(devs_all)
+    bound = lower_bound(profile, devs_all, cluster)
+    ranges: list[tuple[int, int]] = []
+    names: list[str] = []
+    if final is not None:
+        _, _, mask, d = final
+        k = n
+        while True:
+            _, _, back_j, back_d = best[(mask, d)]
+            j = int(back_j[k])
+            ranges.append((j, k))
+            names.append(devs[d].name)
+            prev = int(back_d[k])
+            if prev < 0:
+                break
+            mask &= ~(1 << d)
+            d, k = prev, j
+        ranges.reverse()
+        names.reverse()
+    method = "exact" if exact else "candidates"
+    bottleneck = latency = math.inf
+    stages: list[Stage] = []
+    if ranges:
+        bottleneck, latency, stages = evaluate(profile, cluster, ranges, names)
+    if not exact and primary_is_max and bottleneck > bound:
+        all_links = [*cluster.pairs.values(), *([cluster.default] if cluster.default else [])]
+        worst_link = max((ln.seconds(float(a.max())) for ln in all_links), default=0.0)
+        high = min(bottleneck, profile.total_seconds / min(d.speed for d in devs_all) + worst_link)
+        found = _threshold_search(profile, cluster, bound, high)
+        if found is not None:
+            b2, l2, st2 = evaluate(profile, cluster, found[0], found[1])
+            if b2 < bottleneck:
+                bottleneck, latency, stages, method = b2, l2, st2, "threshold search"
+    if not stages:
         total_w = int(w[n])
         raise InputError(
             f"devices: no placement fits: the model needs {total_w} bytes of weights at batch {profile.batch} "
             f"across {n} units, the devices considered ({[d.name for d in devs]}) cannot hold it in distinct "
             "stages (or lack links between them)"
         )
-    _, _, mask, d = final
-    ranges: list[tuple[int, int]] = []
-    names: list[str] = []
-    k = n
-    while True:
-        _, _, back_j, back_d = best[(mask, d)]
-        j = int(back_j[k])
-        ranges.append((j, k))
-        names.append(devs[d].name)
-        prev = int(back_d[k])
-        if prev < 0:
-            break
-        mask &= ~(1 << d)
-        d, k = prev, j
-    ranges.reverse()
-    names.reverse()
-    bottleneck, latency, stages = evaluate(profile, cluster, ranges, names)
     return Plan(
         stages=tuple(stages),
         objective=objective,
         batch=profile.batch,
         bottleneck_s=bottleneck,
         latency_s=latency,
-        lower_bound_s=lower_bound(profile, devs_all, cluster),
-        exact=len(devs) == len(devs_all),
+        lower_bound_s=bound,
+        exact=exact,
         candidates=tuple(d.name for d in devs),
         seconds=time.perf_counter() - t0,
+        method=method,
     )
