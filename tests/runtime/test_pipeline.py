@@ -7,6 +7,7 @@ shut down; every test is time-bounded.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def test_bit_equal_to_executor(
     ) as pipe:
         outs = pipe.run_batches(reqs)
         stats = pipe.stats()
+        with pytest.raises(InputError, match="expected arrays for inputs"):
+            pipe.run_batches([{"y": reqs[0]["x"]}])
     assert len(outs) == len(reqs)
     for req, out in zip(reqs, outs):
         np.testing.assert_array_equal(out["head"], ex.run(req)["head"])
@@ -198,4 +201,33 @@ def test_plan_export_then_serve_matches_run(
     want = np.concatenate(
         [ex.run({"x": sample["x"][i : i + 8]})["head"] for i in range(0, len(sample["x"]), 8)]
     )
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+@pytest.mark.slow
+def test_serve_starts_and_stops_its_own_cluster(default_export: Fixture, tmp_path: Path) -> None:
+    """Without --address and without a Ray in the process, `rlhf serve` starts a local cluster."""
+    import subprocess
+    import sys
+
+    export, _, sample = default_export
+    path = tmp_path / "placement.yaml"
+    save_placement(_placement(export, [(0, 1), (1, 2)], ["a", "b"]), path)
+    np.save(tmp_path / "x.npy", sample["x"][:16])
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "toolkit", "serve", str(export), "--placement", str(path)]
+    cmd += ["--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]
+    res = subprocess.run(
+        cmd,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
+    want = np.concatenate(
+        [ex.run({"x": sample["x"][i : i + 8]})["head"] for i in (0, 8)]
+    )  # placement batch 8
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)

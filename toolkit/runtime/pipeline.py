@@ -119,6 +119,7 @@ class Pipeline:
         if not ray.is_initialized():
             if address is None:
                 ray.init(
+                    address="local",  # a new cluster, never one `ray start` left running
                     num_cpus=max(2, len(devices)),
                     include_dashboard=False,
                     resources={device_resource(d): 1 for d in devices},
