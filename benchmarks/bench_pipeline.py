@@ -189,8 +189,16 @@ def main() -> int:
     }
     reqs = [{"x": rng.standard_normal((MICRO, WIDTH)).astype(np.float32)} for _ in range(n_req + warm)]
 
-    prof = profile_export(export, MICRO, threads=1, seconds=1.0 if quick else 4.0)
-    r["profile"] = {"unit_ms": [u.seconds * 1e3 for u in prof.units], "load_avg": load()}
+    # CPU time of the one onnxruntime thread: what a dedicated device takes, not inflated by the
+    # other jobs on this shared machine (the wall-clock profile is recorded beside it)
+    prof = profile_export(export, MICRO, threads=1, seconds=1.0 if quick else 4.0, clock="cpu")
+    prof_wall = profile_export(export, MICRO, threads=1, seconds=0.5 if quick else 2.0, clock="wall")
+    r["profile"] = {
+        "clock": "cpu",
+        "unit_ms": [u.seconds * 1e3 for u in prof.units],
+        "unit_ms_wall_clock": [u.seconds * 1e3 for u in prof_wall.units],
+        "load_avg": load(),
+    }
     big = {"memory": "64GB"}
     link = {"default": {"bandwidth": 1e10, "latency": 0.0}}
     equal = plan_for(prof, {"devices": [{"name": "a", **big}, {"name": "b", **big}], "links": link})
@@ -247,6 +255,9 @@ def main() -> int:
                 1e3 * b * c for b, c in zip(piped["busy_s_per_request"], piped["cpu_share"])
             ],
         }
+        cpu_bottleneck = max(r["prediction"]["stage_cpu_ms_per_request"])
+        r["prediction"]["measured_cpu_bottleneck_ms"] = cpu_bottleneck
+        r["prediction"]["relative_error_cpu"] = cpu_bottleneck / (equal.bottleneck_s * 1e3) - 1
         # 3: heterogeneous: b three times slower (repeat 3)
         half = UNITS // 2
         eq_split = run_pipe(
@@ -360,10 +371,12 @@ def report(r: dict[str, Any]) -> str:
         f"{t['pipeline_two_actors_rps']:.1f} vs {t['fused_one_actor_rps']:.1f} req/s = **{t['speedup']:.2f}x** "
         f"(rounds: {', '.join(f'{x:.2f}x' for x in t['speedup_every_round'])}) | ≥ 1.7x: {_met(t['speedup'] >= 1.7)} |",
         f"| pipeline outputs vs single-process Executor | bit-equal: {t['bit_equal_to_executor']} | bit-equal |",
-        f"| planner's predicted bottleneck vs measured seconds per micro-batch | {p['predicted_bottleneck_ms']:.2f} vs "
-        f"{p['measured_ms_per_request']:.2f} ms ({100 * p['relative_error']:+.1f}%) | within 15%: {_met(abs(p['relative_error']) <= 0.15)} |",
-        f"| the same, per stage: predicted compute vs CPU time measured in the actors (what the machine's other jobs cannot inflate) | "
-        f"{', '.join(f'{x:.2f}' for x in p['predicted_stage_ms'])} vs {', '.join(f'{x:.2f}' for x in p['stage_cpu_ms_per_request'])} ms | (diagnostic) |",
+        f"| planner's predicted bottleneck (profile in CPU time) vs the pipeline's measured bottleneck stage, CPU time per micro-batch | "
+        f"{p['predicted_bottleneck_ms']:.2f} vs {p['measured_cpu_bottleneck_ms']:.2f} ms ({100 * p['relative_error_cpu']:+.1f}%) | "
+        f"within 15%: {_met(abs(p['relative_error_cpu']) <= 0.15)} |",
+        f"| the same prediction vs measured wall seconds per micro-batch (includes the CPU the machine's other jobs took) | "
+        f"{p['predicted_bottleneck_ms']:.2f} vs {p['measured_ms_per_request']:.2f} ms ({100 * p['relative_error']:+.1f}%) | "
+        f"within 15%: {_met(abs(p['relative_error']) <= 0.15)} |",
         f"| heterogeneous (b at 1/3 speed): planner {h['planner_partition']} on {h['planner_devices']} vs equal-parameter split | "
         f"{h['planner_rps']:.1f} vs {h['equal_split_rps']:.1f} req/s = **{h['speedup']:.2f}x** (predicted bottleneck "
         f"{h['predicted_bottleneck_ms']:.2f} ms, measured {h['measured_ms_per_request']:.2f} ms) | ≥ 1.3x: {_met(h['speedup'] >= 1.3)} |",
@@ -375,7 +388,8 @@ def report(r: dict[str, Any]) -> str:
         f"(max {s['seconds_max'] * 1e3:.0f} ms); {s['stages']} stages, chosen by {s['method']}; bottleneck "
         f"{s['bottleneck_s'] * 1e3:.2f} ms vs lower bound {s['lower_bound_s'] * 1e3:.2f} ms | ≤ 1 s: {_met(s['seconds_max'] <= 1.0)} |",
         "",
-        f"Per-unit latency measured by `profile_export` (ms): {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms'])}.",
+        f"Per-unit cost measured by `profile_export` (ms, CPU time): {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms'])}; "
+        f"the same in wall-clock time: {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms_wall_clock'])}.",
         f"Pipeline utilisation per stage: {', '.join(f'{100 * u:.0f}%' for u in t['utilisation'])}; latency p50 {t['p50_ms']:.1f} ms, "
         f"p99 {t['p99_ms']:.1f} ms; per stage {', '.join(f'{x:.1f}' for x in t['stage_busy_ms'])} ms of wall time per "
         f"micro-batch with a {', '.join(f'{100 * c:.0f}%' for c in t['cpu_share'])} share of a core while running (the fused "

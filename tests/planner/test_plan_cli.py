@@ -97,3 +97,26 @@ def test_plan_bad_devices_exit_2(profile_json: Path, tmp_path: Path, text: str, 
     assert match in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "placement.yaml").exists()
+
+
+def test_profile_cpu_clock(default_export_dir: Path) -> None:
+    from toolkit.planner.measure import profile_export
+
+    prof = profile_export(default_export_dir, 4, threads=1, seconds=0.1, clock="cpu")
+    assert prof.source["clock"] == "cpu" and all(u.seconds > 0 for u in prof.units)
+    res = CliRunner().invoke(main, ["profile", str(default_export_dir), "--clock", "cpu", "--threads", "2"])
+    assert res.exit_code == 2 and "expected --threads 1" in res.output, res.output
+
+
+@pytest.fixture(scope="module")
+def default_export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.builder import build_model
+    from toolkit.export import export_model
+    from toolkit.spec import load_spec
+
+    out = tmp_path_factory.mktemp("exp") / "export"
+    model = build_model(load_spec(DEFAULT), seed=0).eval()
+    export_model(
+        model, out, sample={"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
+    )
+    return out

@@ -10,12 +10,12 @@ import click
 from toolkit.errors import InputError
 
 
-def _measure(source: Path, batch: int, threads: int, seconds: float) -> Any:
+def _measure(source: Path, batch: int, threads: int, seconds: float, clock: str) -> Any:
     """Profile of an export directory (its stages) or a spec file (its nodes)."""
     from toolkit.planner.measure import profile_export, profile_spec
 
     if source.is_dir():
-        return profile_export(source, batch, threads=threads, seconds=seconds)
+        return profile_export(source, batch, threads=threads, seconds=seconds, clock=clock)
     if source.suffix.lower() == ".json" and source.is_file():
         import json
 
@@ -29,7 +29,7 @@ def _measure(source: Path, batch: int, threads: int, seconds: float) -> Any:
             return ModelProfile.from_dict(doc)
     from toolkit.spec import load_spec
 
-    return profile_spec(load_spec(source), batch, threads=threads, seconds=seconds)
+    return profile_spec(load_spec(source), batch, threads=threads, seconds=seconds, clock=clock)
 
 
 _SOURCE = click.argument("source", type=click.Path(exists=True, path_type=Path))
@@ -38,6 +38,13 @@ _THREADS = click.option(
     "--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads while timing."
 )
 _SECONDS = click.option("--seconds", type=float, default=1.0, show_default=True, help="Timing budget.")
+_CLOCK = click.option(
+    "--clock",
+    type=click.Choice(["wall", "cpu"]),
+    default="wall",
+    show_default=True,
+    help="wall: elapsed time; cpu: CPU time of the one onnxruntime thread (not inflated by other jobs).",
+)
 
 
 @click.command()
@@ -45,17 +52,18 @@ _SECONDS = click.option("--seconds", type=float, default=1.0, show_default=True,
 @_BATCH
 @_THREADS
 @_SECONDS
+@_CLOCK
 @click.option(
     "-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write JSON."
 )
-def profile(source: Path, batch: int, threads: int, seconds: float, out: Path | None) -> None:
+def profile(source: Path, batch: int, threads: int, seconds: float, clock: str, out: Path | None) -> None:
     """Per-unit latency, weight bytes and cut bytes of SOURCE (a spec: per node; an export: per stage)."""
     from rich.console import Console
     from rich.table import Table
 
     from toolkit.fsio import atomic_write_bytes
 
-    prof = _measure(source, batch, threads, seconds)
+    prof = _measure(source, batch, threads, seconds, clock)
     table = Table(title=f"{prof.name}: profile at batch {prof.batch} ({threads} thread(s))")
     for col in ("unit", "nodes", "ms", "weights KiB", "bytes after"):
         table.add_column(col, justify="left" if col in ("unit", "nodes") else "right")
@@ -88,6 +96,7 @@ def profile(source: Path, batch: int, threads: int, seconds: float, out: Path | 
 @_BATCH
 @_THREADS
 @_SECONDS
+@_CLOCK
 @click.option(
     "--placement",
     "placement_path",
@@ -112,6 +121,7 @@ def plan(
     batch: int,
     threads: int,
     seconds: float,
+    clock: str,
     placement_path: Path,
     spec_out: Path | None,
     max_exact: int,
@@ -132,7 +142,7 @@ def plan(
     cluster = load_devices(devices_path)  # bad devices file: fail before measuring anything
     if max_exact < 1:
         raise InputError(f"--max-exact: expected a positive count, got {max_exact}")
-    prof = _measure(source, batch, threads, seconds)
+    prof = _measure(source, batch, threads, seconds, clock)
     result = plan_pipeline(prof, cluster, objective, max_exact=max_exact)
 
     table = Table(title=f"{prof.name}: {objective} plan at batch {prof.batch} on {devices_path}")

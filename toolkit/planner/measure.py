@@ -80,6 +80,7 @@ def profile_export(
     seconds: float = 1.0,
     warmup: int = 3,
     nodes: list[list[str]] | None = None,
+    clock: str = "wall",
 ) -> ModelProfile:
     """Profile an export's stages as the planner's units.
 
@@ -90,16 +91,24 @@ def profile_export(
         seconds: total timing budget, shared by the stages round-robin.
         warmup: untimed calls per stage first.
         nodes: spec node ids per stage, recorded in the profile when known.
+        clock: "wall" (elapsed time) or "cpu" (CPU time of the calling thread: with one intra-op
+            thread onnxruntime computes there, so the figure does not grow when other processes
+            share the core; what a dedicated device would take).
 
     Returns:
         The :class:`ModelProfile`; ``source`` holds the export path and its manifest sha256.
 
     Raises:
         FileNotFoundError, ValueError: not an export directory, or files that fail their sha256.
-        InputError: batch < 1.
+        InputError: batch < 1, an unknown clock, or clock "cpu" with more than one thread.
     """
     if batch < 1:
         raise InputError(f"--batch: expected a positive batch size, got {batch}")
+    if clock not in ("wall", "cpu"):
+        raise InputError(f"--clock: expected 'wall' or 'cpu', got {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise InputError(f"--clock cpu: expected --threads 1 (the CPU time of one thread), got {threads}")
+    now = time.perf_counter if clock == "wall" else time.thread_time
     root = Path(export_dir)
     manifest = read_manifest(root)
     config = SessionConfig(intra_op_threads=threads)
@@ -121,9 +130,9 @@ def profile_export(
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times[0]) < 5:
         for i, (sess, feed) in enumerate(zip(sessions, feeds)):
-            t0 = time.perf_counter()
+            t0 = now()
             sess.run(None, feed)
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(now() - t0)
     units = tuple(
         Unit(f"stage_{i:02d}", statistics.median(ts), w, tuple(nodes[i]) if nodes else ())
         for i, (ts, w) in enumerate(zip(times, weights))
@@ -139,6 +148,7 @@ def profile_export(
             "path": str(root.resolve()),
             "manifest_sha256": manifest_sha256(root),
             "threads": threads,
+            "clock": clock,
             "calls_per_unit": len(times[0]),
         },
     )
@@ -167,13 +177,19 @@ def per_node_spec(spec: Any) -> Any:
 
 
 def profile_spec(
-    spec: Any, batch: int = 1, *, threads: int = 1, seconds: float = 1.0, work_dir: str | None = None
+    spec: Any,
+    batch: int = 1,
+    *,
+    threads: int = 1,
+    seconds: float = 1.0,
+    work_dir: str | None = None,
+    clock: str = "wall",
 ) -> ModelProfile:
     """Profile a spec node by node: build it (random weights), export one stage per node, time them.
 
     Args:
         spec: a GraphSpec.
-        batch, threads, seconds: as for :func:`profile_export`.
+        batch, threads, seconds, clock: as for :func:`profile_export`.
         work_dir: directory for the temporary per-node export (default: the system's temp dir).
 
     Raises:
@@ -188,5 +204,5 @@ def profile_spec(
         out = Path(tmp) / "export"
         export_model(model, out, sample=_spec_sample(fine), overwrite=True)
         prof = profile_export(out, batch, threads=threads, seconds=seconds, nodes=fine.stage_partition())
-    source = {"kind": "spec", "name": spec.name, "threads": threads}
+    source = {"kind": "spec", "name": spec.name, "threads": threads, "clock": clock}
     return ModelProfile(prof.name, prof.batch, prof.units, prof.cut_bytes, prof.cut_tensors, source)
