@@ -231,3 +231,64 @@ def test_serve_starts_and_stops_its_own_cluster(default_export: Fixture, tmp_pat
         [ex.run({"x": sample["x"][i : i + 8]})["head"] for i in (0, 8)]
     )  # placement batch 8
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
+
+
+SKIP_SPEC = """
+name: skip-mlp
+inputs: {x: {shape: [64]}}
+nodes:
+  - {id: fc1,  op: linear, in: x,    out: 32, factorize: none}
+  - {id: act1, op: relu,   in: fc1}
+  - {id: fc2,  op: linear, in: act1, out: 32, factorize: none}
+  - {id: act2, op: relu,   in: fc2}
+  - {id: fc3,  op: linear, in: act2, out: 32, factorize: none}
+  - {id: res,  op: add,    in: [act1, fc3]}
+  - {id: head, op: linear, in: res,  out: 10, factorize: none}
+outputs: [head]
+train: {data: {builtin: digits}, loss: cross_entropy}
+"""
+
+
+def test_planned_spec_with_a_skip_connection(ray_cluster: Any, tmp_path: Path) -> None:
+    """Plan a spec whose residual crosses a stage, export the planned spec, serve it on 3 actors."""
+    from toolkit.builder import build_model
+    from toolkit.export import export_model
+    from toolkit.runtime.pipeline import Pipeline
+    from toolkit.spec import load_spec
+
+    spec_path = tmp_path / "skip.yaml"
+    spec_path.write_text(SKIP_SPEC)
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices: [{name: a, memory: 1GB}, {name: b, memory: 1GB}, {name: c, memory: 1GB}]\n"
+        "links: {default: {bandwidth: 1.0e+15, latency: 0}}\n"
+    )
+    placement = tmp_path / "placement.yaml"
+    res = CliRunner().invoke(
+        main,
+        [
+            "plan",
+            str(spec_path),
+            "--devices",
+            str(devices),
+            "--batch",
+            "64",
+            "--seconds",
+            "0.3",
+            "--placement",
+            str(placement),
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    planned = load_spec(tmp_path / "skip.planned.yaml")
+    pl = load_placement(placement)
+    assert len(pl.stages) == len(planned.stage_partition()) >= 2
+    model = build_model(planned, seed=0).eval()
+    x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
+    export_model(model, tmp_path / "export", sample={"x": x})
+    ex = Executor(tmp_path / "export", providers="cpu", session_options={"intra_op_threads": 1})
+    with Pipeline(tmp_path / "export", pl, max_in_flight=3) as pipe:
+        out = pipe.run({"x": x}, micro_batch=4)
+    want = np.concatenate([ex.run({"x": x[i : i + 4]})["head"] for i in range(0, 16, 4)])
+    np.testing.assert_array_equal(out["head"], want)

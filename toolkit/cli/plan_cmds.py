@@ -178,16 +178,23 @@ def plan(
         "lower_bound_s": result.lower_bound_s,
     }
     cuts = prof.cut_tensors
+
+    def handed_on(start: int, stop: int) -> tuple[str, ...]:
+        """Tensors a stage makes that are still needed after it (alive at its end, not at its start)."""
+        if not cuts:
+            return ()
+        return tuple(t for t in cuts[stop] if t not in cuts[start])
+
     if prof.source.get("kind") == "export":
         placed = tuple(
-            PlacedStage(st.device, (st.start, st.stop), cuts[st.stop] if cuts else ()) for st in result.stages
+            PlacedStage(st.device, (st.start, st.stop), handed_on(st.start, st.stop)) for st in result.stages
         )
         placement = Placement(
             placed, prof.source["manifest_sha256"], prof.name, objective, prof.batch, predicted
         )
     else:
         placed = tuple(
-            PlacedStage(st.device, (i, i + 1), cuts[st.stop] if cuts else ())
+            PlacedStage(st.device, (i, i + 1), handed_on(st.start, st.stop))
             for i, st in enumerate(result.stages)
         )
         placement = Placement(placed, None, prof.name, objective, prof.batch, predicted)
