@@ -120,3 +120,24 @@ def default_export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model, out, sample={"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
     )
     return out
+
+
+def test_plan_lowers_ranks_only_with_the_flag(profile_json: Path, tmp_path: Path) -> None:
+    from toolkit.spec import load_spec
+
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices: [{name: a, memory: 40KB}, {name: b, memory: 40KB}, {name: c, memory: 40KB}]\n"
+        "links: {default: {bandwidth: 1.0e+9, latency: 0}}\n"
+    )
+    spec_copy = tmp_path / "default.yaml"
+    spec_copy.write_text(DEFAULT.read_text())
+    args = ["plan", str(spec_copy), "--devices", str(devices), "--batch", "8", "--seconds", "0.1"]
+    res = CliRunner().invoke(main, [*args, "--placement", str(tmp_path / "p.yaml")])
+    assert res.exit_code == 2 and "fc1" in res.output, res.output  # fc1 fits no device at rank 24
+    res = CliRunner().invoke(main, [*args, "--placement", str(tmp_path / "p.yaml"), "--lower-ranks"])
+    assert res.exit_code == 0, res.output
+    assert "lowered ranks to fit" in res.output
+    before, after = load_spec(spec_copy), load_spec(tmp_path / "default.planned.yaml")
+    assert after.analysis.plans["fc1"].rank < before.analysis.plans["fc1"].rank == 24
+    assert after.analysis.plans["head"].kind == "dense"  # untouched

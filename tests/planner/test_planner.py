@@ -12,6 +12,7 @@ import pytest
 
 from toolkit.errors import InputError
 from toolkit.planner import ModelProfile, Unit, load_devices, lower_bound, parse_devices, plan_pipeline
+from toolkit.planner.dp import stage_memory
 
 
 def random_profile(rng: np.random.Generator, n: int, batch: int = 4) -> ModelProfile:
@@ -247,3 +248,90 @@ def test_beyond_max_exact_is_feasible_and_never_beats_brute_force(seed: int) -> 
     mem = {d["name"]: d["memory"] for d in doc["devices"]}
     assert all(s.memory_bytes <= mem[s.device] for s in plan.stages)
     assert len({s.device for s in plan.stages}) == len(plan.stages)
+
+
+def test_unit_at_rank_scale_exact_bytes() -> None:
+    in_f, out_f, r = 64, 256, 24
+    factor_bytes = 4 * r * (in_f + out_f)
+    u = Unit("fc1", 2.0, factor_bytes + 4 * out_f, ("fc1",), rank=r, rank_bytes=factor_bytes)
+    half = u.at_rank_scale(0.5)
+    assert half.rank == 12 and half.rank_bytes == 4 * 12 * (in_f + out_f)
+    assert half.weight_bytes == 4 * 12 * (in_f + out_f) + 4 * out_f
+    np.testing.assert_allclose(half.seconds, 2.0 * (1 - (factor_bytes / u.weight_bytes) * 0.5), rtol=1e-12)
+    assert u.at_rank_scale(0.01).rank == 1  # never below rank 1
+    dense = Unit("relu", 1.0, 0)
+    assert dense.at_rank_scale(0.25) == dense
+
+
+def test_rank_lowering_only_where_needed_equals_brute_force() -> None:
+    """Stages that do not fit at full rank take the largest scale that fits; the rest keep their ranks."""
+    rng = np.random.default_rng(5)
+    scales = (1.0, 0.5, 0.25)
+    for _ in range(6):
+        n, k = 5, 3
+        units = []
+        for i in range(n):
+            rb = int(rng.integers(50, 150)) * 1000
+            units.append(
+                Unit(f"u{i}", float(rng.uniform(0.5, 2)), rb + 1000, (f"u{i}",), rank=32, rank_bytes=rb)
+            )
+        profile = ModelProfile("r", 1, tuple(units), tuple([1000] * (n + 1)))
+        doc = {
+            "devices": [
+                {
+                    "name": f"d{i}",
+                    "memory": int(rng.integers(80, 200)) * 1000,
+                    "speed": float(rng.uniform(0.5, 2)),
+                }
+                for i in range(k)
+            ],
+            "links": {"default": {"bandwidth": 1e6, "latency": 0.01}},
+        }
+        cluster = parse_devices(doc)
+        best = math.inf
+        for kk in range(1, k + 1):  # brute force with the same rule: largest scale that fits
+            for inner in itertools.combinations(range(1, n), kk - 1):
+                bounds = [0, *inner, n]
+                for seq in itertools.permutations(range(k), kk):
+                    times, ok = [], True
+                    for (s, e), d in zip(itertools.pairwise(bounds), seq):
+                        fit = None
+                        for sc in scales:
+                            us = [u.at_rank_scale(sc) for u in units[s:e]]
+                            if sum(u.weight_bytes for u in us) + 2000 <= doc["devices"][d]["memory"]:
+                                fit = us
+                                break
+                        if fit is None:
+                            ok = False
+                            break
+                        times.append(sum(u.seconds for u in fit) / doc["devices"][d]["speed"])
+                    if ok:
+                        times += [0.01 + 1000 / 1e6] * (kk - 1)
+                        best = min(best, max(times))
+        if not math.isfinite(best):
+            with pytest.raises(InputError):
+                plan_pipeline(profile, cluster, rank_scales=scales)
+            continue
+        plan = plan_pipeline(profile, cluster, rank_scales=scales)
+        np.testing.assert_allclose(plan.bottleneck_s, best, rtol=1e-9)
+        mem = {d["name"]: d["memory"] for d in doc["devices"]}
+        for st in plan.stages:
+            assert st.memory_bytes <= mem[st.device]
+            if st.rank_scale < 1:  # lowered only because the full-rank stage would not fit
+                assert stage_memory(profile, st.start, st.stop) > mem[st.device]
+
+
+def test_rank_lowering_makes_a_plan_fit() -> None:
+    units = tuple(Unit(f"u{i}", 1.0, 101_000, (f"u{i}",), rank=16, rank_bytes=100_000) for i in range(4))
+    profile = ModelProfile("big", 1, units, (0,) * 5)
+    cluster = parse_devices(
+        {
+            "devices": [{"name": "a", "memory": 120_000}, {"name": "b", "memory": 120_000}],
+            "links": {"default": {"bandwidth": 1e9}},
+        }
+    )
+    with pytest.raises(InputError, match="no placement fits"):
+        plan_pipeline(profile, cluster)
+    plan = plan_pipeline(profile, cluster, rank_scales=(1.0, 0.5))
+    assert [s.rank_scale for s in plan.stages] == [0.5, 0.5]
+    assert all(s.memory_bytes <= 120_000 for s in plan.stages)

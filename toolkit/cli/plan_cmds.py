@@ -32,6 +32,18 @@ def _measure(source: Path, batch: int, threads: int, seconds: float, clock: str)
     return profile_spec(load_spec(source), batch, threads=threads, seconds=seconds, clock=clock)
 
 
+def _lowered_ranks(prof: Any, stages: Any) -> dict[str, int]:
+    """Node id -> lowered rank, for the factorized nodes of stages the plan runs below full rank."""
+    out: dict[str, int] = {}
+    for st in stages:
+        if st.rank_scale < 1:
+            for u in prof.units[st.start : st.stop]:
+                low = u.at_rank_scale(st.rank_scale)
+                if u.rank and low.rank != u.rank and len(u.nodes) == 1:
+                    out[u.nodes[0]] = low.rank
+    return out
+
+
 _SOURCE = click.argument("source", type=click.Path(exists=True, path_type=Path))
 _BATCH = click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size to time at.")
 _THREADS = click.option(
@@ -114,6 +126,13 @@ def profile(source: Path, batch: int, threads: int, seconds: float, clock: str, 
 @click.option(
     "--max-exact", type=int, default=8, show_default=True, help="Devices the exact programme considers."
 )
+@click.option(
+    "--lower-ranks",
+    is_flag=True,
+    help="A stage that fits no device may run its factorized nodes at 1/2 or 1/4 of their ranks "
+    "(SOURCE a spec; the planned spec gets the lowered ranks). The accuracy cost is not measured: "
+    "train or fine-tune the planned spec and compare.",
+)
 def plan(
     source: Path,
     devices_path: Path,
@@ -125,6 +144,7 @@ def plan(
     placement_path: Path,
     spec_out: Path | None,
     max_exact: int,
+    lower_ranks: bool,
 ) -> None:
     """Place the stages of SOURCE (spec, export dir or profile JSON) on the devices of devices.yaml.
 
@@ -143,10 +163,11 @@ def plan(
     if max_exact < 1:
         raise InputError(f"--max-exact: expected a positive count, got {max_exact}")
     prof = _measure(source, batch, threads, seconds, clock)
-    result = plan_pipeline(prof, cluster, objective, max_exact=max_exact)
+    scales = (1.0, 0.5, 0.25) if lower_ranks else (1.0,)
+    result = plan_pipeline(prof, cluster, objective, max_exact=max_exact, rank_scales=scales)
 
     table = Table(title=f"{prof.name}: {objective} plan at batch {prof.batch} on {devices_path}")
-    for col in ("stage", "device", "units", "compute ms", "memory MiB", "send ms"):
+    for col in ("stage", "device", "units", "compute ms", "memory MiB", "send ms", "ranks"):
         table.add_column(col, justify="left" if col in ("device", "units") else "right")
     for i, st in enumerate(result.stages):
         names = [u.name for u in prof.units[st.start : st.stop]]
@@ -158,6 +179,7 @@ def plan(
             f"{st.compute_s * 1e3:.3f}",
             f"{st.memory_bytes / 2**20:.2f}",
             f"{st.send_s * 1e3:.3f}",
+            "as given" if st.rank_scale == 1 else f"x{st.rank_scale:g} (time estimated)",
         )
     console = Console()
     console.print(table)
@@ -167,7 +189,8 @@ def plan(
         + (
             "exact over every device"
             if result.exact
-            else f"exact over {len(result.candidates)} candidate devices"
+            else f"{result.method} over {len(cluster.devices)} devices (the programme is exact over "
+            f"{len(result.candidates)} candidates)"
         )
         + f" ({result.seconds * 1e3:.0f} ms)"
     )
@@ -206,6 +229,15 @@ def plan(
             doc["stages"] = [
                 [nid for u in prof.units[st.start : st.stop] for nid in u.nodes] for st in result.stages
             ]
+            lowered = _lowered_ranks(prof, result.stages)
+            for node in doc["nodes"]:
+                if node["id"] in lowered:
+                    node["factorize"] = {"rank": lowered[node["id"]]}
+            if lowered:
+                click.echo(
+                    f"lowered ranks to fit: {lowered} (accuracy cost not measured: train or fine-tune "
+                    "the planned spec and compare)"
+                )
             out = spec_out or source.with_suffix(".planned.yaml")
             atomic_write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode("utf-8"))
             click.echo(

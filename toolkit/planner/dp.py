@@ -54,6 +54,7 @@ class Stage:
     compute_s: float
     memory_bytes: int
     send_s: float
+    rank_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,18 @@ def stage_memory(profile: ModelProfile, start: int, stop: int) -> int:
 
 
 def evaluate(
-    profile: ModelProfile, cluster: Cluster, partition: Sequence[tuple[int, int]], devices: Sequence[str]
+    profile: ModelProfile,
+    cluster: Cluster,
+    partition: Sequence[tuple[int, int]],
+    devices: Sequence[str],
+    rank_scales: Sequence[float] | None = None,
 ) -> tuple[float, float, list[Stage]]:
     """Bottleneck, latency and stages of a given placement (memory is not checked here).
 
     Args:
         partition: contiguous ``(start, stop)`` ranges covering every unit in order.
         devices: one device name per range, all different.
+        rank_scales: per range, the scale of its factorized units' ranks (default all 1).
 
     Raises:
         InputError: ranges that do not cover the chain, unknown or repeated devices.
@@ -143,12 +149,14 @@ def evaluate(
     if unknown or len(set(devices)) != len(devices) or len(devices) != len(partition):
         raise InputError(f"placement: expected one distinct known device per stage, got {list(devices)}")
     stages = []
+    scales = list(rank_scales) if rank_scales is not None else [1.0] * len(partition)
     for i, ((s, e), name) in enumerate(zip(partition, devices)):
-        comp = sum(u.seconds for u in profile.units[s:e]) / by_name[name].speed
+        prof = profile.at_rank_scale(scales[i]) if scales[i] < 1 else profile
+        comp = sum(u.seconds for u in prof.units[s:e]) / by_name[name].speed
         send = (
             cluster.link_seconds(name, devices[i + 1], profile.cut_bytes[e]) if i + 1 < len(devices) else 0.0
         )
-        stages.append(Stage(s, e, name, comp, stage_memory(profile, s, e), send))
+        stages.append(Stage(s, e, name, comp, stage_memory(prof, s, e), send, scales[i]))
     bottleneck = max(max(st.compute_s for st in stages), max(st.send_s for st in stages))
     latency = sum(st.compute_s + st.send_s for st in stages)
     return bottleneck, latency, stages
@@ -243,6 +251,7 @@ def plan_pipeline(
     *,
     max_exact: int = MAX_EXACT,
     max_stages: int | None = None,
+    rank_scales: Sequence[float] = (1.0,),
 ) -> Plan:
     """Best partition of the profile's units into stages and the device of each stage.
 
@@ -252,6 +261,9 @@ def plan_pipeline(
         objective: "throughput" (smallest bottleneck) or "latency" (smallest end-to-end time).
         max_exact: consider at most this many devices (every one when the cluster is that small).
         max_stages: at most this many stages (default: no limit beyond the devices and units).
+        rank_scales: rank scales a stage may use, e.g. ``(1.0, 0.5, 0.25)``: a stage whose units
+            do not fit a device at full rank takes the largest scale at which they fit (its
+            factorized units' ranks times that scale, at least 1). Default: ranks stay as they are.
 
     Returns:
         The :class:`Plan`.
@@ -265,24 +277,35 @@ def plan_pipeline(
         raise InputError(f"objective: expected one of {list(OBJECTIVES)}, got {objective!r}")
     n = len(profile.units)
     devs_all = list(cluster.devices)
+    scales = sorted({float(x) for x in rank_scales} | {1.0}, reverse=True)
+    if any(not 0 < x <= 1 for x in scales):
+        raise InputError(f"rank_scales: expected values in (0, 1], got {list(rank_scales)}")
+    scaled = [profile.at_rank_scale(x) for x in scales]
     for j, u in enumerate(profile.units):
-        need = stage_memory(profile, j, j + 1)
+        need = stage_memory(scaled[-1], j, j + 1)
         if not any(d.memory >= need for d in devs_all):
             biggest = max(devs_all, key=lambda d: d.memory)
             raise InputError(
-                f"devices: unit {u.name!r} needs {need} bytes (weights + activations at batch {profile.batch}), "
+                f"devices: unit {u.name!r}{' (' + ', '.join(u.nodes) + ')' if u.nodes else ''} needs {need} bytes (weights + activations at batch {profile.batch}), "
                 f"expected a device with at least that much memory, got at most {biggest.memory} ({biggest.name})"
             )
     cand = _candidates(devs_all, max_exact)
     devs = [devs_all[i] for i in cand]
     k_dev = len(devs)
     limit_stages = min(n, k_dev, max_stages or n)
-    c, w, a = _prefix(profile)
+    _c, w, a = _prefix(profile)
     inf = math.inf
     jj, kk = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     valid = kk > jj
-    mem_need = np.where(valid, w[kk] - w[jj] + a[jj] + a[kk], np.iinfo(np.int64).max)
-    comp = [np.where(valid & (mem_need <= d.memory), (c[kk] - c[jj]) / d.speed, inf) for d in devs]
+    comp = [np.full((n + 1, n + 1), inf) for _ in devs]
+    scale_of = [np.zeros((n + 1, n + 1), np.int64) for _ in devs]  # index into ``scales``
+    for si, prof_s in enumerate(scaled):  # largest scale first: a stage is lowered only if it must be
+        cs, ws, _ = _prefix(prof_s)
+        mem_need = np.where(valid, ws[kk] - ws[jj] + a[jj] + a[kk], np.iinfo(np.int64).max)
+        for di, dev in enumerate(devs):
+            take = valid & (mem_need <= dev.memory) & np.isinf(comp[di])
+            comp[di] = np.where(take, (cs[kk] - cs[jj]) / dev.speed, comp[di])
+            scale_of[di] = np.where(take, si, scale_of[di])
     links = np.full((k_dev, k_dev, n + 1), inf)
     for x, dx in enumerate(devs):
         for y, dy in enumerate(devs):
@@ -349,6 +372,7 @@ def plan_pipeline(
     bound = lower_bound(profile, devs_all, cluster)
     ranges: list[tuple[int, int]] = []
     names: list[str] = []
+    stage_scales: list[float] = []
     if final is not None:
         _, _, mask, d = final
         k = n
@@ -357,6 +381,7 @@ def plan_pipeline(
             j = int(back_j[k])
             ranges.append((j, k))
             names.append(devs[d].name)
+            stage_scales.append(scales[int(scale_of[d][j, k])])
             prev = int(back_d[k])
             if prev < 0:
                 break
@@ -364,11 +389,12 @@ def plan_pipeline(
             d, k = prev, j
         ranges.reverse()
         names.reverse()
+        stage_scales.reverse()
     method = "exact" if exact else "candidates"
     bottleneck = latency = math.inf
     stages: list[Stage] = []
     if ranges:
-        bottleneck, latency, stages = evaluate(profile, cluster, ranges, names)
+        bottleneck, latency, stages = evaluate(profile, cluster, ranges, names, stage_scales)
     if not exact and primary_is_max and bottleneck > bound:
         all_links = [*cluster.pairs.values(), *([cluster.default] if cluster.default else [])]
         worst_link = max((ln.seconds(float(a.max())) for ln in all_links), default=0.0)

@@ -204,5 +204,16 @@ def profile_spec(
         out = Path(tmp) / "export"
         export_model(model, out, sample=_spec_sample(fine), overwrite=True)
         prof = profile_export(out, batch, threads=threads, seconds=seconds, nodes=fine.stage_partition())
+    ranks = model.ranks()  # node id -> rank of each factorized layer
+    plans = fine.analysis.plans
+    units = []
+    for u in prof.units:
+        nid = u.nodes[0]
+        if nid in ranks:  # float32 factors U (out, r) and V (r, in): 4 r (out + in) bytes
+            out_dim, in_dim = plans[nid].map_shape
+            u = Unit(
+                u.name, u.seconds, u.weight_bytes, u.nodes, ranks[nid], 4 * ranks[nid] * (out_dim + in_dim)
+            )
+        units.append(u)
     source = {"kind": "spec", "name": spec.name, "threads": threads, "clock": clock}
-    return ModelProfile(prof.name, prof.batch, prof.units, prof.cut_bytes, prof.cut_tensors, source)
+    return ModelProfile(prof.name, prof.batch, tuple(units), prof.cut_bytes, prof.cut_tensors, source)

@@ -20,12 +20,40 @@ from toolkit.errors import InputError
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of the chain: its name, seconds per batch on the profiling machine, weight bytes."""
+    """One unit of the chain: its name, seconds per batch on the profiling machine, weight bytes.
+
+    ``rank`` (0: not factorized) and ``rank_bytes`` (the bytes of its factors, which scale with
+    the rank) let the planner lower a unit's rank when nothing else fits (see ``at_rank_scale``).
+    """
 
     name: str
     seconds: float
     weight_bytes: int
     nodes: tuple[str, ...] = ()
+    rank: int = 0
+    rank_bytes: int = 0
+
+    def at_rank_scale(self, scale: float) -> Unit:
+        """The unit with its rank lowered to ``max(1, floor(rank * scale))``.
+
+        The factor bytes scale exactly with the rank; the seconds are estimated by scaling the
+        factors' share of the unit's time like their bytes (multiply-adds of U and V are
+        proportional to the rank), not measured.
+        """
+        if self.rank <= 0 or scale >= 1 or self.weight_bytes == 0:
+            return self
+        new_rank = max(1, int(self.rank * scale))
+        cut = self.rank_bytes * (1 - new_rank / self.rank)
+        share = self.rank_bytes / self.weight_bytes
+        seconds = self.seconds * (1 - share * (1 - new_rank / self.rank))
+        return Unit(
+            self.name,
+            seconds,
+            round(self.weight_bytes - cut),
+            self.nodes,
+            new_rank,
+            round(self.rank_bytes - cut),
+        )
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,11 @@ class ModelProfile:
         if bad or any(b < 0 for b in self.cut_bytes) or self.batch < 1:
             raise InputError(f"profile {self.name!r}: expected non-negative costs and batch >= 1, got {bad}")
 
+    def at_rank_scale(self, scale: float) -> ModelProfile:
+        """Every factorized unit at ``scale`` times its rank (see :meth:`Unit.at_rank_scale`)."""
+        units = tuple(u.at_rank_scale(scale) for u in self.units)
+        return ModelProfile(self.name, self.batch, units, self.cut_bytes, self.cut_tensors, self.source)
+
     @property
     def total_seconds(self) -> float:
         return float(sum(u.seconds for u in self.units))
@@ -72,7 +105,14 @@ class ModelProfile:
         """
         try:
             units = tuple(
-                Unit(str(u["name"]), float(u["seconds"]), int(u["weight_bytes"]), tuple(u.get("nodes", ())))
+                Unit(
+                    str(u["name"]),
+                    float(u["seconds"]),
+                    int(u["weight_bytes"]),
+                    tuple(u.get("nodes", ())),
+                    int(u.get("rank", 0)),
+                    int(u.get("rank_bytes", 0)),
+                )
                 for u in doc["units"]
             )
             return cls(
