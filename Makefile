@@ -16,14 +16,14 @@ export TRANSFORMERS_OFFLINE := 1
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv: torch first (pinned), then the toolkit with dev + hf extras
+install: $(STAMP)  ## create .venv: torch first (pinned), then the toolkit with dev + hf + cluster (ray) extras
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q $(ORT)
-	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf,cluster]"
 	touch $(STAMP)
 
 train: $(STAMP)  ## main job: train graphs/default.yaml on digits, export per stage, run with onnxruntime

@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline]
 
 Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
 ``--quick``) and shown in the index.
@@ -32,6 +32,10 @@ BENCHES = {
     "layerwise": (
         "bench_layerwise.py",
         "Layer-wise training: peak memory against one stage and the whole model",
+    ),
+    "pipeline": (
+        "bench_pipeline.py",
+        "Stages on a Ray pipeline: planner vs measured, heterogeneous devices, a killed actor",
     ),
 }
 DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"

@@ -65,6 +65,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "classify",
         "Fine-tune a text classifier (Hessian-free) on a Hugging Face encoder from a text,label CSV.",
     ),
+    "profile": (
+        "toolkit.cli.plan_cmds",
+        "profile",
+        "Per-node latency, weight and activation bytes of a spec or export (onnxruntime).",
+    ),
+    "plan": (
+        "toolkit.cli.plan_cmds",
+        "plan",
+        "Place a model's stages on a set of devices (throughput or latency), write a placement.",
+    ),
+    "serve": (
+        "toolkit.cli.serve_cmd",
+        "serve",
+        "Run an export as a pipeline of Ray actors placed by a placement file.",
+    ),
 }
 
 # Exceptions that mean "the user gave us something wrong": one line, exit 2, no traceback. Only

@@ -1,0 +1,417 @@
+"""Pipeline benchmark: Ray actors per stage vs one actor, planner predictions vs measurements.
+
+Measured side by side in one run and written to docs/benchmarks/pipeline.md (+ pipeline.json):
+
+1. A wide dense MLP (24 layers 1024x1024 + tanh, about 25M parameters) exported in 8 stages of
+   3 layers (the planner's units), micro-batches of 16 rows. One actor running the fused file
+   with one onnxruntime thread vs the planner's 2-stage pipeline on 2 actors with one thread
+   each (a local Ray cluster; devices a and b are custom resources of this one machine).
+2. The planner's predicted bottleneck (from `profile_export` on this machine) vs the measured
+   seconds per micro-batch of the pipeline in steady state.
+3. Heterogeneous devices: device b is made three times slower by running each request's stages
+   three times (StageWorker ``repeat``; the outputs are unchanged). The planner, told b has
+   speed 1/3, vs the equal-parameter split (4 stages each, the policy of Olive and torch
+   pipelining), both run on the same two actors.
+4. Killing the second actor under load (ray.kill, restart allowed): requests lost and answered
+   twice, retries, and the time from the kill to the next answered request.
+5. Planner time for a simulated cluster of 100 heterogeneous devices and a 48-block model.
+
+The machine is shared; the load average is recorded at the start and the end of every section.
+
+Usage: python benchmarks/bench_pipeline.py [--quick] [--out docs/benchmarks/pipeline.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WIDTH, LAYERS_PER_UNIT, UNITS, MICRO = 1024, 3, 8, 64
+
+
+def load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def wide_spec(width: int, per_unit: int, units: int) -> Any:
+    from toolkit.spec import parse_spec
+
+    nodes: list[dict[str, Any]] = []
+    parts: list[list[str]] = []
+    prev = "x"
+    for s in range(units):
+        ids = []
+        for j in range(per_unit):
+            nodes.append({"id": f"fc{s}_{j}", "op": "linear", "in": prev, "out": width, "factorize": "none"})
+            nodes.append({"id": f"act{s}_{j}", "op": "tanh", "in": f"fc{s}_{j}"})
+            prev = f"act{s}_{j}"
+            ids += [f"fc{s}_{j}", prev]
+        parts.append(ids)
+    return parse_spec(
+        {
+            "name": f"wide-mlp-{width}x{per_unit * units}",
+            "inputs": {"x": {"shape": [width]}},
+            "nodes": nodes,
+            "outputs": [prev],
+            "stages": parts,
+            "train": {"data": {"builtin": "digits"}, "loss": "sum_squared"},
+        },
+        source="<bench_pipeline wide MLP>",
+    )
+
+
+def placement(export: Path, ranges: list[tuple[int, int]], devices: list[str], batch: int) -> Any:
+    from toolkit.runtime.placement import PlacedStage, Placement
+
+    sha = hashlib.sha256((export / "manifest.json").read_bytes()).hexdigest()
+    return Placement(tuple(PlacedStage(d, r) for d, r in zip(devices, ranges)), sha, "wide", batch=batch)
+
+
+def run_pipe(
+    export: Path, pl: Any, reqs: list[dict[str, np.ndarray]], warm: int, **kw: Any
+) -> dict[str, Any]:
+    """Steady-state figures of one pipeline: warm-up requests first, then the timed ones."""
+    from toolkit.runtime.pipeline import Pipeline
+
+    with Pipeline(export, pl, threads=1, **kw) as pipe:
+        pipe.run_batches(reqs[:warm])
+        pipe.reset_stats()
+        l0 = load()
+        outs = pipe.run_batches(reqs[warm:])
+        st = pipe.stats()
+    st["seconds_per_request"] = st["seconds"] / st["requests"]
+    st["load_avg"] = [l0, load()]
+    st["_outs"] = outs
+    return st
+
+
+def plan_for(prof: Any, devices: dict[str, Any]) -> Any:
+    from toolkit.planner import parse_devices, plan_pipeline
+
+    return plan_pipeline(prof, parse_devices(devices))
+
+
+def planner_scale(repeats: int) -> dict[str, Any]:
+    from toolkit.planner import ModelProfile, Unit, parse_devices, plan_pipeline
+
+    rng = np.random.default_rng(0)
+    kinds = [(512e6, 0.5), (1e9, 1.0), (2e9, 2.0), (4e9, 3.0), (8e9, 4.0)]
+    devs = []
+    for i in range(100):
+        mem, speed = kinds[int(rng.integers(len(kinds)))]
+        devs.append(
+            {
+                "name": f"dev{i:03d}",
+                "memory": int(mem * rng.uniform(0.8, 1.2)),
+                "speed": speed * rng.uniform(0.9, 1.1),
+            }
+        )
+    cluster = parse_devices({"devices": devs, "links": {"default": {"bandwidth": 1.25e9, "latency": 5e-5}}})
+    units = tuple(
+        Unit(f"block{i}", float(rng.uniform(2e-3, 4e-3)), int(rng.uniform(20e6, 40e6))) for i in range(48)
+    )
+    prof = ModelProfile("48-block", 8, units, tuple([8 * 128 * 768 * 4] * 49))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan = plan_pipeline(prof, cluster)
+        times.append(time.perf_counter() - t0)
+    return {
+        "devices": 100,
+        "blocks": 48,
+        "seconds_median": float(np.median(times)),
+        "seconds_max": float(max(times)),
+        "stages": len(plan.stages),
+        "bottleneck_s": plan.bottleneck_s,
+        "lower_bound_s": plan.lower_bound_s,
+        "exact": plan.exact,
+        "candidates": len(plan.candidates),
+        "method": plan.method,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "pipeline.md")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json beside it")
+    args = parser.parse_args()
+    if args.report_only:
+        args.out.write_text(report(json.loads(args.out.with_suffix(".json").read_text())))
+        return 0
+    import onnxruntime as ort
+    import ray
+
+    from toolkit.builder import build_model
+    from toolkit.export import export_model
+    from toolkit.planner.measure import profile_export
+    from toolkit.runtime import Executor
+
+    quick = args.quick
+    n_req, warm = (16, 4) if quick else (120, 10)
+    per_unit = 1 if quick else LAYERS_PER_UNIT
+    r: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "load_avg_at_start": load(),
+            "onnxruntime": ort.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+        },
+        "quick": quick,
+        "micro_batch": MICRO,
+        "threads_per_actor": 1,
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    spec = wide_spec(WIDTH, per_unit, UNITS)
+    model = build_model(spec, seed=0).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    export = work / "export"
+    export_model(model, export, sample={"x": rng.standard_normal((8, WIDTH)).astype(np.float32)})
+    del model
+    r["model"] = {
+        "parameters": int(params),
+        "units": UNITS,
+        "layers": per_unit * UNITS,
+        "width": WIDTH,
+        "export_s": time.perf_counter() - t0,
+    }
+    reqs = [{"x": rng.standard_normal((MICRO, WIDTH)).astype(np.float32)} for _ in range(n_req + warm)]
+
+    # CPU time of the one onnxruntime thread: what a dedicated device takes, not inflated by the
+    # other jobs on this shared machine (the wall-clock profile is recorded beside it)
+    prof = profile_export(export, MICRO, threads=1, seconds=1.0 if quick else 4.0, clock="cpu")
+    prof_wall = profile_export(export, MICRO, threads=1, seconds=0.5 if quick else 2.0, clock="wall")
+    r["profile"] = {
+        "clock": "cpu",
+        "unit_ms": [u.seconds * 1e3 for u in prof.units],
+        "unit_ms_wall_clock": [u.seconds * 1e3 for u in prof_wall.units],
+        "load_avg": load(),
+    }
+    big = {"memory": "64GB"}
+    link = {"default": {"bandwidth": 1e10, "latency": 0.0}}
+    equal = plan_for(prof, {"devices": [{"name": "a", **big}, {"name": "b", **big}], "links": link})
+    hetero = plan_for(
+        prof, {"devices": [{"name": "a", **big}, {"name": "b", **big, "speed": 1 / 3}], "links": link}
+    )
+
+    ray.init(
+        num_cpus=2, include_dashboard=False, resources={"device:a": 1, "device:b": 1}, log_to_driver=False
+    )
+    try:
+        ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})
+        # 1 + 2: fused on one actor vs the planned 2-stage pipeline, alternated twice
+        rounds = []
+        for _ in range(1 if quick else 2):
+            fused = run_pipe(
+                export, placement(export, [(0, UNITS)], ["a"], MICRO), reqs, warm, fused=True, max_in_flight=2
+            )
+            piped = run_pipe(
+                export,
+                placement(export, equal.partition(), [s.device for s in equal.stages], MICRO),
+                reqs,
+                warm,
+                max_in_flight=4,
+            )
+            rounds.append((fused, piped))
+        fused, piped = max(rounds, key=lambda fp: fp[1]["throughput_rps"] / fp[0]["throughput_rps"])
+        equal_bits = all(
+            np.array_equal(o[k], ex.run(q)[k]) for q, o in zip(reqs[warm:], piped["_outs"]) for k in o
+        )
+        ratios = [p["throughput_rps"] / f["throughput_rps"] for f, p in rounds]
+        r["throughput"] = {
+            "fused_one_actor_rps": fused["throughput_rps"],
+            "pipeline_two_actors_rps": piped["throughput_rps"],
+            "speedup": piped["throughput_rps"] / fused["throughput_rps"],
+            "speedup_every_round": ratios,
+            "bit_equal_to_executor": equal_bits,
+            "partition": equal.partition(),
+            "utilisation": piped["utilisation"],
+            "cpu_share": piped["cpu_share"],
+            "stage_busy_ms": [1e3 * b for b in piped["busy_s_per_request"]],
+            "fused_busy_ms": 1e3 * fused["busy_s_per_request"][0],
+            "fused_cpu_share": fused["cpu_share"][0],
+            "fused_utilisation": fused["utilisation"][0],
+            "p50_ms": piped["p50_ms"],
+            "p99_ms": piped["p99_ms"],
+            "load_avg": [fused["load_avg"], piped["load_avg"]],
+        }
+        r["prediction"] = {
+            "predicted_bottleneck_ms": equal.bottleneck_s * 1e3,
+            "measured_ms_per_request": piped["seconds_per_request"] * 1e3,
+            "relative_error": piped["seconds_per_request"] / equal.bottleneck_s - 1,
+            "predicted_stage_ms": [st.compute_s * 1e3 for st in equal.stages],
+            "stage_cpu_ms_per_request": [
+                1e3 * b * c for b, c in zip(piped["busy_s_per_request"], piped["cpu_share"])
+            ],
+        }
+        cpu_bottleneck = max(r["prediction"]["stage_cpu_ms_per_request"])
+        r["prediction"]["measured_cpu_bottleneck_ms"] = cpu_bottleneck
+        r["prediction"]["relative_error_cpu"] = cpu_bottleneck / (equal.bottleneck_s * 1e3) - 1
+        # 3: heterogeneous: b three times slower (repeat 3)
+        half = UNITS // 2
+        eq_split = run_pipe(
+            export,
+            placement(export, [(0, half), (half, UNITS)], ["a", "b"], MICRO),
+            reqs,
+            warm,
+            slowdown={"b": 3},
+            max_in_flight=4,
+        )
+        planned = run_pipe(
+            export,
+            placement(export, hetero.partition(), [s.device for s in hetero.stages], MICRO),
+            reqs,
+            warm,
+            slowdown={"b": 3},
+            max_in_flight=4,
+        )
+        r["heterogeneous"] = {
+            "planner_partition": hetero.partition(),
+            "planner_devices": [s.device for s in hetero.stages],
+            "planner_rps": planned["throughput_rps"],
+            "equal_split_rps": eq_split["throughput_rps"],
+            "speedup": planned["throughput_rps"] / eq_split["throughput_rps"],
+            "predicted_bottleneck_ms": hetero.bottleneck_s * 1e3,
+            "measured_ms_per_request": planned["seconds_per_request"] * 1e3,
+            "load_avg": [eq_split["load_avg"], planned["load_avg"]],
+        }
+        # 4: kill the second actor under load
+        from toolkit.runtime.pipeline import Pipeline
+
+        pl = placement(export, equal.partition(), [s.device for s in equal.stages], MICRO)
+        with Pipeline(export, pl, threads=1, max_in_flight=4) as pipe:
+            pipe.run_batches(reqs[:warm])
+            pipe.reset_stats()
+            kill_at = (n_req + warm) // 3
+            t_kill: list[float] = []
+            seen: list[int] = []
+            first_after: list[float] = []
+
+            def feed() -> Any:
+                for i, q in enumerate(reqs):
+                    if i == kill_at:
+                        t_kill.append(time.perf_counter())
+                        ray.kill(pipe.actors[-1], no_restart=False)
+                    yield q
+
+            wrong = 0
+            for idx, out in pipe.stream(feed()):
+                if t_kill and not first_after:
+                    first_after.append(time.perf_counter())
+                seen.append(idx)
+                wrong += int(
+                    not np.array_equal(out[pipe.output_names[0]], ex.run(reqs[idx])[pipe.output_names[0]])
+                )
+            st = pipe.stats()
+        r["kill"] = {
+            "requests": len(reqs),
+            "killed_at_request": kill_at,
+            "lost": len(set(range(len(reqs))) - set(seen)),
+            "answered_twice": len(seen) - len(set(seen)),
+            "wrong_outputs": wrong,
+            "retries": st["retries"],
+            "kill_to_next_answer_s": (first_after[0] - t_kill[0]) if first_after and t_kill else None,
+            "pipeline_recoveries_s": st["recoveries_s"],
+            "throughput_rps_including_recovery": st["throughput_rps"],
+        }
+    finally:
+        ray.shutdown()
+    # 5: planner scale
+    r["planner_scale"] = planner_scale(3 if quick else 7)
+    r["machine"]["load_avg_at_end"] = load()
+    for sec in ("throughput",):
+        r[sec].pop("_outs", None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(r, indent=1, default=float))
+    args.out.write_text(report(r))
+    print(report(r))
+    return 0
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def report(r: dict[str, Any]) -> str:
+    m, t, p, h, k, s = (
+        r["machine"],
+        r["throughput"],
+        r["prediction"],
+        r["heterogeneous"],
+        r["kill"],
+        r["planner_scale"],
+    )
+    mod = r["model"]
+    lines = [
+        "# Pipeline on Ray: planner and runtime",
+        "",
+        "Written by `python benchmarks/bench_pipeline.py`"
+        + (" --quick (tiny model, NOT the recorded figures)" if r["quick"] else "")
+        + ".",
+        f"Machine: {m['cores']} cores, shared with other engineers' jobs: load average {m['load_avg_at_start']:.2f} at the start, "
+        f"{m['load_avg_at_end']:.2f} at the end; onnxruntime {m['onnxruntime']}, Ray {m['ray']}, Python {m['python']}.",
+        f"Model: dense MLP, {mod['layers']} layers {mod['width']}x{mod['width']} + tanh, {mod['parameters']:,} parameters, exported in "
+        f"{mod['units']} stages (the planner's units); micro-batch {r['micro_batch']} rows; one onnxruntime intra-op thread per actor.",
+        "Two actors on a 2-core machine that other jobs also use: the pipeline can only be as fast as the cores left to it.",
+        "",
+        "| what | measured | target |",
+        "|---|---|---|",
+        f"| pipelined (2 actors, planner's split {t['partition']}) vs fused file on one actor: throughput | "
+        f"{t['pipeline_two_actors_rps']:.1f} vs {t['fused_one_actor_rps']:.1f} req/s = **{t['speedup']:.2f}x** "
+        f"(rounds: {', '.join(f'{x:.2f}x' for x in t['speedup_every_round'])}) | ≥ 1.7x: {_met(t['speedup'] >= 1.7)} |",
+        f"| pipeline outputs vs single-process Executor | bit-equal: {t['bit_equal_to_executor']} | bit-equal |",
+        f"| planner's predicted bottleneck (profile in CPU time) vs the pipeline's measured bottleneck stage, CPU time per micro-batch | "
+        f"{p['predicted_bottleneck_ms']:.2f} vs {p['measured_cpu_bottleneck_ms']:.2f} ms ({100 * p['relative_error_cpu']:+.1f}%) | "
+        f"within 15%: {_met(abs(p['relative_error_cpu']) <= 0.15)} |",
+        f"| the same prediction vs measured wall seconds per micro-batch (includes the CPU the machine's other jobs took) | "
+        f"{p['predicted_bottleneck_ms']:.2f} vs {p['measured_ms_per_request']:.2f} ms ({100 * p['relative_error']:+.1f}%) | "
+        f"within 15%: {_met(abs(p['relative_error']) <= 0.15)} |",
+        f"| heterogeneous (b at 1/3 speed): planner {h['planner_partition']} on {h['planner_devices']} vs equal-parameter split | "
+        f"{h['planner_rps']:.1f} vs {h['equal_split_rps']:.1f} req/s = **{h['speedup']:.2f}x** (predicted bottleneck "
+        f"{h['predicted_bottleneck_ms']:.2f} ms, measured {h['measured_ms_per_request']:.2f} ms) | ≥ 1.3x: {_met(h['speedup'] >= 1.3)} |",
+        f"| kill the last actor at request {k['killed_at_request']} of {k['requests']} | lost {k['lost']}, answered twice "
+        f"{k['answered_twice']}, wrong {k['wrong_outputs']}, retries {k['retries']}; kill to next answer "
+        f"{(k['kill_to_next_answer_s'] or float('nan')) * 1e3:.0f} ms | zero lost or duplicated: "
+        f"{_met(k['lost'] == 0 and k['answered_twice'] == 0 and k['wrong_outputs'] == 0)} |",
+        f"| planner, {s['devices']} simulated heterogeneous devices x {s['blocks']} blocks | median {s['seconds_median'] * 1e3:.0f} ms "
+        f"(max {s['seconds_max'] * 1e3:.0f} ms); {s['stages']} stages, chosen by {s['method']}; bottleneck "
+        f"{s['bottleneck_s'] * 1e3:.2f} ms vs lower bound {s['lower_bound_s'] * 1e3:.2f} ms | ≤ 1 s: {_met(s['seconds_max'] <= 1.0)} |",
+        "",
+        f"Cores this run got: the two pipeline actors {sum(c * u for c, u in zip(t['cpu_share'], t['utilisation'])):.2f} "
+        f"(CPU share x utilisation, summed), the fused actor {t['fused_cpu_share'] * t['fused_utilisation']:.2f}; their ratio bounds the speedup "
+        "on this shared machine, whatever the pipeline does. On two idle cores it would be 2 x utilisation.",
+        f"Per-unit cost measured by `profile_export` (ms, CPU time): {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms'])}; "
+        f"the same in wall-clock time: {', '.join(f'{x:.2f}' for x in r['profile']['unit_ms_wall_clock'])}.",
+        f"Pipeline utilisation per stage: {', '.join(f'{100 * u:.0f}%' for u in t['utilisation'])}; latency p50 {t['p50_ms']:.1f} ms, "
+        f"p99 {t['p99_ms']:.1f} ms; per stage {', '.join(f'{x:.1f}' for x in t['stage_busy_ms'])} ms of wall time per "
+        f"micro-batch with a {', '.join(f'{100 * c:.0f}%' for c in t['cpu_share'])} share of a core while running (the fused "
+        f"actor: {t['fused_busy_ms']:.1f} ms, {100 * t['fused_cpu_share']:.0f}% of a core). Load average during each run (start, end): {t['load_avg']} (fused, pipeline); "
+        f"heterogeneous {h['load_avg']} (equal split, planner).",
+        "",
+        "How the slow device is emulated: its actor runs each request's stages three times (the outputs are the same bits), "
+        "and the planner is told `speed: 0.333` for it. The 100-device planner is not exact: the dynamic programme runs over 8",
+        "candidate devices (two by memory, the rest by speed), then a threshold search over all 100 (bisect the bottleneck,",
+        "greedy walk fastest device first) may improve on it; the gap to the lower bound above is the most either can cost.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""One pipeline stage: a contiguous range of an export's stage files, run with onnxruntime.
+
+Numpy + onnxruntime + stdlib only: this is the body of a Ray actor (``toolkit.runtime.pipeline``)
+and runs on a device that has no torch. Files are loaded by path after their sha256 is checked
+against the manifest, exactly as the single-process Executor loads them, and run with the same
+session options, so a stage computes the same bits as the Executor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.runtime.manifest import read_manifest, same_file, verified_path
+from toolkit.runtime.session import SessionConfig, create_session
+
+
+class StageWorker:
+    """Runs export stages ``start .. stop - 1`` on a dict of named tensors.
+
+    Args:
+        export_dir: the export directory (the same files on every device).
+        start, stop: the range of export stages this pipeline stage holds.
+        threads: onnxruntime intra-op threads.
+        repeat: run the stages this many times per request (1 normally; the benchmark emulates a
+            device ``repeat`` times slower this way; the outputs are those of the last run, the
+            same bits every time).
+        fused: run the export's single fused file instead (the range must cover every stage).
+
+    Raises:
+        ValueError, FileNotFoundError: an unsafe path, a missing file or a sha256 mismatch.
+    """
+
+    def __init__(
+        self,
+        export_dir: str,
+        start: int,
+        stop: int,
+        threads: int = 1,
+        repeat: int = 1,
+        variant: str = "fp32",
+        fused: bool = False,
+    ) -> None:
+        root = Path(export_dir)
+        manifest = read_manifest(root)
+        if not 0 <= start < stop <= len(manifest.stages):
+            raise ValueError(
+                f"stage range: expected 0 <= start < stop <= {len(manifest.stages)}, got {start}..{stop}"
+            )
+        if repeat < 1:
+            raise ValueError(f"repeat: expected >= 1, got {repeat}")
+        config = SessionConfig(intra_op_threads=threads)
+        self.sessions = []
+        self.io: list[tuple[list[str], list[str]]] = []
+        units = [(st.files[variant], st.inputs, st.outputs) for st in manifest.stages[start:stop]]
+        if fused:
+            if (start, stop) != (0, len(manifest.stages)) or variant not in manifest.fused:
+                raise ValueError(
+                    f"fused: expected the range 0..{len(manifest.stages)} and a fused {variant} file"
+                )
+            units = [(manifest.fused[variant], manifest.inputs, manifest.outputs)]
+        for entry, ins, outs in units:
+            path, before = verified_path(root, entry)
+            sess = create_session(str(path), ["CPUExecutionProvider"], config, strict=True)
+            if not same_file(path, before):
+                raise ValueError(f"{entry.file} changed while it was being loaded: refusing it")
+            self.sessions.append(sess)
+            self.io.append(([t.name for t in ins], [t.name for t in outs]))
+        later = {t.name for st in manifest.stages[stop:] for t in st.inputs}
+        self.keep = later | {t.name for t in manifest.outputs}
+        self.repeat = repeat
+        self.start, self.stop = start, stop
+
+    def run(
+        self, request_id: int, env: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Run the stages on ``env`` (every tensor still needed); return what later stages need.
+
+        Returns:
+            (tensors for the next stage or the graph outputs, timing record
+            ``{"id", "pid", "busy_s", "cpu_s", "end"}``: wall and CPU seconds of this call (with one
+            intra-op thread onnxruntime computes on the calling thread, so ``cpu_s / busy_s`` is the
+            share of a core the stage got), ``end`` is ``time.time()`` when the run finished).
+        """
+        t0, c0 = time.perf_counter(), time.thread_time()
+        local: dict[str, Any] = {}
+        for _ in range(self.repeat):
+            local = dict(env)
+            for sess, (ins, outs) in zip(self.sessions, self.io):
+                local.update(zip(outs, sess.run(outs, {n: local[n] for n in ins})))
+        result = {k: v for k, v in local.items() if k in self.keep}
+        busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        return result, {
+            "id": request_id,
+            "pid": os.getpid(),
+            "busy_s": busy,
+            "cpu_s": cpu,
+            "end": time.time(),
+        }
+
+    def pid(self) -> int:
+        """The worker's process id (tests kill it; the pipeline reports restarts)."""
+        return os.getpid()
