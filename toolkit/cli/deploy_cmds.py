@@ -266,7 +266,6 @@ def bench(
     manifest = read_manifest(export_dir)
     source: str | Path | None = model_path  # a path the user passes is theirs to choose
     if source is None:
-        from toolkit.errors import InputError
         from toolkit.runtime.manifest import source_path
 
         try:
