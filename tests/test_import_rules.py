@@ -106,7 +106,7 @@ def test_toolkit_init_imports_nothing_heavy() -> None:
         ("runtime", "import torch\n", "runtime imports torch"),
         ("runtime", "from toolkit.spec import load_spec\n", "runtime imports toolkit.spec"),
         ("runtime", "from toolkit.builder import build_model\n", "runtime imports toolkit.builder"),
-        ("runtime", "from toolkit.fsio import replace_dir\n", "runtime imports toolkit.fsio"),
+        ("runtime", "from toolkit.limits import limit\n", "runtime imports toolkit.limits"),
         ("export", "from toolkit.train.deploy import export_and_check\n", "export imports toolkit.train"),
         ("builder", "from ..checkpoint import load_model\n", "builder imports toolkit.checkpoint"),
     ],

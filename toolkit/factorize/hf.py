@@ -446,7 +446,6 @@ def load_factorized_hf(path: str | Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from toolkit.checkpoint import max_model_params
-    from toolkit.errors import InputError
     from toolkit.factorize.core import replace_module
     from toolkit.factorize.report_file import planned_layers, read_report
     from toolkit.factorize.svd import build_factorized
