@@ -376,7 +376,7 @@ def split_indices(n: int, val: float = 0.1, test: float = 0.1, seed: int = 0) ->
             f"split: expected validation and test fractions in [0, 1) summing below 1, got {val}, {test}"
         )
     perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(round(val * n)), int(round(test * n))
+    n_val, n_test = round(val * n), round(test * n)
     if n - n_val - n_test < 2:
         raise InputError(f"split: expected at least 2 training examples, got {n - n_val - n_test} of {n}")
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
