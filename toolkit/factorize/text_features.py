@@ -113,12 +113,20 @@ def frozen_features(
     blocks = blocks_of(encoder)
     below = nn.ModuleList(list(blocks)[: len(blocks) - k])
     encoder.eval()
-    outs = []
-    for i in range(0, ids.shape[0], batch_size):
-        b_ids, b_mask = ids[i : i + batch_size], mask[i : i + batch_size]
-        h = encoder.embeddings(input_ids=b_ids, token_type_ids=torch.zeros_like(b_ids))  # (B, T, d)
-        h = run_blocks(below, h, b_mask)  # (B, T, d)
-        outs.append(mean_pool(h, b_mask) if k == 0 else h)
+    n, width = ids.shape
+    d = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+    out = torch.zeros((n, d) if k == 0 else (n, width, d))
+    order = torch.argsort(mask.sum(1), stable=True)  # similar lengths together: less padding to run
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        t = max(1, int(mask[idx].sum(1).max()))
+        b_ids, b_mask = ids[idx, :t], mask[idx, :t]  # (B, t)
+        h = encoder.embeddings(input_ids=b_ids, token_type_ids=torch.zeros_like(b_ids))  # (B, t, d)
+        h = run_blocks(below, h, b_mask)  # (B, t, d)
+        if k == 0:
+            out[idx] = mean_pool(h, b_mask).float()  # (B, d)
+        else:
+            out[idx, :t] = h.float()
         if progress is not None:
-            progress(b_ids.shape[0])
-    return torch.cat(outs).float()
+            progress(len(idx))
+    return out
