@@ -149,6 +149,26 @@ def test_cli_sweep_export_and_run_text(tmp_path: Path, minilm: tuple) -> None:
         labels[int(i)] == y for i, (_, y) in zip(probs.argmax(1), rows[18:])
     ])) < 1e-9  # fmt: skip
 
+    # an export with a tokenizer but no labels: --text saves the outputs
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["labels"]
+    (out / "manifest.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(
+        main, ["run", str(out), "--text", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "y.npz")]
+    )
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
+        np.testing.assert_allclose(
+            torch.log_softmax(torch.from_numpy(z["logits"]), -1).exp().numpy(), probs, rtol=1e-3, atol=1e-4
+        )
+    # a tokenizer file that is not the one the manifest names is refused
+    with (out / "tokenizer.json").open("a") as fh:
+        fh.write(" ")
+    res = CliRunner().invoke(
+        main, ["run", str(out), "--text", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "z.npz")]
+    )
+    assert res.exit_code == 2 and "expected sha256" in res.stderr and not (tmp_path / "z.npz").exists()
+
 
 @pytest.mark.parametrize(
     ("train_rows", "test_rows", "message"),

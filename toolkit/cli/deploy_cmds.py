@@ -182,7 +182,7 @@ def run(
         ex0 = Executor(export_dir, providers="cpu", variant=variant, fused=fused,
                        session_options=SessionConfig(intra_op_threads=threads))  # fmt: skip
         if "labels" in ex0.manifest.raw and out is None:
-            click.echo(rt.dumps(rt.classify_texts(export_dir, texts, threads)))
+            click.echo(rt.dumps(rt.classify_texts(export_dir, texts, threads, executor=ex0)))
             return
         outputs_t, _ = rt.run_texts(ex0, export_dir, texts)
         if out is None:

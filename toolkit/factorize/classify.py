@@ -278,7 +278,7 @@ def load_text_splits(
     from toolkit.data import text as T
 
     if str(train) == "rotten_tomatoes":
-        texts, labels = T.rotten_tomatoes(None if cache_dir is None else Path(cache_dir).parent)
+        texts, labels = T.rotten_tomatoes()
         data = T.tokenize_texts(texts, labels, encoder, "rotten_tomatoes")
         tr, va, te = T.split_indices(len(data), 0.1, 0.1, seed)
         splits = [data.subset(tr), data.subset(va), data.subset(te)]

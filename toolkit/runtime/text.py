@@ -197,7 +197,9 @@ def run_texts(
     return {n: np.concatenate([p[n] for p in parts]) for n in names}, truncated
 
 
-def classify_texts(export_dir: str | Path, texts: Sequence[str], threads: int = 0) -> list[dict[str, Any]]:
+def classify_texts(
+    export_dir: str | Path, texts: Sequence[str], threads: int = 0, executor: Any = None
+) -> list[dict[str, Any]]:
     """Label and scores of each text by a classifier export (manifest with ``text`` and ``labels``).
 
     Returns:
@@ -208,7 +210,9 @@ def classify_texts(export_dir: str | Path, texts: Sequence[str], threads: int = 
     """
     from toolkit.runtime import Executor, SessionConfig
 
-    ex = Executor(export_dir, providers="cpu", session_options=SessionConfig(intra_op_threads=threads))
+    ex = executor or Executor(
+        export_dir, providers="cpu", session_options=SessionConfig(intra_op_threads=threads)
+    )
     labels = ex.manifest.raw.get("labels")
     if not isinstance(labels, list) or not labels:
         raise InputError(
