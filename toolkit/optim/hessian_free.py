@@ -257,7 +257,8 @@ class HessianFree(torch.optim.Optimizer):
                 if group["l2_sp"] > 0:
                     sl = flat.slice_of(index[id(p)])
                     sp[sl] = group["l2_sp"]
-                    anchor[sl] = self.state[p]["l2_sp_anchor"].reshape(-1).to(like)
+                    theta0 = self.state[p].setdefault("l2_sp_anchor", p.detach().clone())
+                    anchor[sl] = theta0.reshape(-1).to(like)
                 if p.dim() <= 1 and not group["l2_on_bias"]:
                     continue
                 sl = flat.slice_of(index[id(p)])
