@@ -281,7 +281,7 @@ def load_text_splits(
         texts, labels = T.rotten_tomatoes()
         data = T.tokenize_texts(texts, labels, encoder, "rotten_tomatoes")
         tr, va, te = T.split_indices(len(data), 0.1, 0.1, seed)
-        splits = [data.subset(tr), data.subset(va), data.subset(te)]
+        splits: list[Any] = [data.subset(tr), data.subset(va), data.subset(te)]
     else:
         data = T.tokenize_file(train, encoder, cache_dir, text_col, label_col)
         if val is None:
@@ -342,7 +342,7 @@ def prepare_model(
     kind, k = parse_trainable(trainable, len(blocks))
     if getattr(encoder, "attn_implementation", None) == "sdpa":
         encoder.attn_implementation = "eager"  # type: ignore[assignment]
-    hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+    hidden = int(getattr(encoder, "config").hidden_size)  # noqa: B009
     clf = SentenceClassifier(encoder, hidden, len(splits.names))
     with torch.no_grad():  # a zero head: L2-SP on it is plain L2, and every method starts equal
         clf.head.weight.zero_()
@@ -363,7 +363,7 @@ def prepare_model(
                 p.requires_grad_(True)
         else:
             for layer in factorized_modules(encoder).values():
-                layer.U.weight.requires_grad_(True)  # type: ignore[union-attr]
+                getattr(layer, "U").weight.requires_grad_(True)  # noqa: B009
     data: dict[str, Any] = {}
     for name in ("train", "val", "test"):
         split = getattr(splits, name)

@@ -297,7 +297,7 @@ def fit(
         if cfg.optimizer == "hf":
             m = min(cfg.curvature_batch, len(idx))
             c_inputs, c_y = _take(train, idx[:m])
-            opt.step(inputs, y, c_inputs, c_y)  # type: ignore[call-arg]
+            opt.step(inputs, y, c_inputs, c_y)  # type: ignore[call-overload]
         else:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, cfg)

@@ -114,14 +114,15 @@ def frozen_features(
     below = nn.ModuleList(list(blocks)[: len(blocks) - k])
     encoder.eval()
     n, width = ids.shape
-    d = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+    d = int(getattr(encoder, "config").hidden_size)  # noqa: B009
     out = torch.zeros((n, d) if k == 0 else (n, width, d))
     order = torch.argsort(mask.sum(1), stable=True)  # similar lengths together: less padding to run
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         t = max(1, int(mask[idx].sum(1).max()))
         b_ids, b_mask = ids[idx, :t], mask[idx, :t]  # (B, t)
-        h = encoder.embeddings(input_ids=b_ids, token_type_ids=torch.zeros_like(b_ids))  # (B, t, d)
+        embeddings: Callable[..., torch.Tensor] = getattr(encoder, "embeddings")  # noqa: B009
+        h = embeddings(input_ids=b_ids, token_type_ids=torch.zeros_like(b_ids))  # (B, t, d)
         h = run_blocks(below, h, b_mask)  # (B, t, d)
         if k == 0:
             out[idx] = mean_pool(h, b_mask).float()  # (B, d)

@@ -57,8 +57,8 @@ class Regularizer:
         self.has_l2_sp = l2_sp is not None and bool(torch.any(l2_sp != 0))
         if self.has_l2_sp and (anchor is None or anchor.shape != l2_sp.shape):  # type: ignore[union-attr]
             raise ValueError("l2_sp: expected an anchor θ⁰ of the same shape as the coefficients")
-        self.l2_sp = l2_sp if self.has_l2_sp else torch.zeros_like(l2)
-        self.anchor = anchor if self.has_l2_sp else torch.zeros_like(l2)
+        self.l2_sp: torch.Tensor = l2_sp if l2_sp is not None and self.has_l2_sp else torch.zeros_like(l2)
+        self.anchor: torch.Tensor = anchor if anchor is not None and self.has_l2_sp else torch.zeros_like(l2)
         # L2 and L2-SP add the same kind of curvature: diag(a + b)
         self.quad = self.l2 + self.l2_sp
         self.has_quad = self.has_l2 or self.has_l2_sp
