@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, optimizer: s
     for a, b in zip(got.history, ref.history):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-7)
     torch.testing.assert_close(resumed.head.weight, whole.head.weight, rtol=1e-5, atol=1e-6)
+    from toolkit.errors import InputError
+
+    with pytest.raises(InputError, match="checkpoint of this run's settings"):  # another run's directory
+        fit(model(), train, val, dataclasses.replace(cfg, l2=0.5), tmp_path / "b")
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) >= 6 and (tmp_path / "b" / "curves.png").stat().st_size > 0
     assert ref.best_val_accuracy == max(h["val_accuracy"] for h in ref.history)

@@ -257,8 +257,15 @@ def fit(
     order, pos, step, elapsed = torch.randperm(n, generator=gen), 0, 0, 0.0
     res = FitResult()
     ckpt = run / "checkpoint.pt"
+    settings = json.dumps({"config": asdict(cfg), "params": {k: list(p.shape) for k, p in trainable_params(model).items()},
+                           "examples": n})  # fmt: skip
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
+        if state.get("settings") != settings:
+            raise InputError(
+                f"{ckpt}: expected a checkpoint of this run's settings, model and data to resume, got one of "
+                "another run: pass another --run-dir or delete it"
+            )
         load_params_from(model, state["params"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
@@ -327,7 +334,7 @@ def fit(
             state = {
                 "params": {k: p.detach().clone() for k, p in trainable_params(model).items()},
                 "optimizer": opt.state_dict(), "rng": gen.get_state(), "order": order, "pos": pos,
-                "step": step, "elapsed": elapsed, "result": json.dumps(asdict(res)),
+                "step": step, "elapsed": elapsed, "result": json.dumps(asdict(res)), "settings": settings,
             }  # fmt: skip
             atomic_write_bytes(ckpt, _state_bytes(state))
         if progress is not None:
