@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune]
 
 Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
 ``--quick``) and shown in the index.
@@ -36,6 +36,10 @@ BENCHES = {
     "pipeline": (
         "bench_pipeline.py",
         "Stages on a Ray pipeline: planner vs measured, heterogeneous devices, a killed actor",
+    ),
+    "finetune": (
+        "bench_finetune.py",
+        "Fine-tuning MiniLM on Rotten Tomatoes: Hessian-free + L2 vs AdamW vs baselines",
     ),
 }
 DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"

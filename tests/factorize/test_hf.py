@@ -189,6 +189,7 @@ def test_cli_classify_trains_saves_reloads_and_exports(minilm: tuple, tmp_path: 
     save_factorized_hf(model, tok, rep.to_json(), tmp_path / "fact")
     out, csv = tmp_path / "clf", DATA / "sentiment.csv"
     args = ["classify", str(tmp_path / "fact"), "--train", str(csv), "--eval", str(csv), "-o", str(out)]
+    args += ["--trainable", "factors", "--eval-every", "1", "--run-dir", str(tmp_path / "run")]
     res = CliRunner().invoke(main, [*args, "--steps", "2", "--cg-max-iters", "10", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
@@ -219,6 +220,6 @@ def test_cli_classify_trains_saves_reloads_and_exports(minilm: tuple, tmp_path: 
     )
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines() == [
-        f"error: {bad}: expected columns 'text' and 'label', got ['text', 'category']"
+        f"error: {bad}: row 1: expected columns 'text' and 'label', got ['text', 'category']"
     ]
     assert not (tmp_path / "x").exists()

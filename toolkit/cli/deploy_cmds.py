@@ -152,15 +152,22 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
 @click.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
-    "--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+    "--input", "input_path", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--text",
+    "text_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Text file, one text per line (exports with a tokenizer): prints labels and scores.",
 )
 @click.option(
     "-o",
     "--out",
     "out",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False, path_type=Path),
-    help=".npy (one output) or .npz",
+    help=".npy (one output) or .npz (required unless --text on a classifier)",
 )
 @click.option("--variant", default="fp32", show_default=True, help="fp32 or int8 (when exported).")
 @click.option("--fused", is_flag=True, help="Run fused.onnx instead of the stages.")
@@ -175,16 +182,42 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
 )
 def run(
     export_dir: Path,
-    input_path: Path,
-    out: Path,
+    input_path: Path | None,
+    text_path: Path | None,
+    out: Path | None,
     variant: str,
     fused: bool,
     providers: str,
     memory_budget: int | None,
     threads: int,
 ) -> None:
-    """Run an export directory with onnxruntime on an input file; write the outputs."""
+    """Run an export directory with onnxruntime on an input file; write the outputs.
+
+    With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"); a
+    classifier (manifest key "labels") prints one JSON line per text with its label and scores.
+    """
+    from toolkit.errors import InputError
     from toolkit.runtime import Executor, SessionConfig
+
+    if (input_path is None) == (text_path is None):
+        raise InputError("rlhf run: expected exactly one of --input FILE or --text FILE")
+    if text_path is not None:
+        from toolkit.runtime import text as rt
+
+        texts = rt.read_lines(text_path)
+        ex0 = Executor(export_dir, providers="cpu", variant=variant, fused=fused,
+                       session_options=SessionConfig(intra_op_threads=threads))  # fmt: skip
+        if "labels" in ex0.manifest.raw and out is None:
+            click.echo(rt.dumps(rt.classify_texts(export_dir, texts, threads, executor=ex0)))
+            return
+        outputs_t, _ = rt.run_texts(ex0, export_dir, texts)
+        if out is None:
+            raise InputError("rlhf run --text: the export has no labels: expected -o OUT.npz for its outputs")
+        np.savez(out, **outputs_t)  # type: ignore[arg-type]
+        click.echo(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs_t.items()))
+        return
+    if out is None or input_path is None:
+        raise InputError("rlhf run --input: expected -o OUT (.npy or .npz)")
 
     prov: str | list[str] = providers if providers in ("auto", "cpu", "cuda") else providers.split(",")
     ex = Executor(

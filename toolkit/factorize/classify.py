@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +234,282 @@ def load_classifier(path: str | Path) -> tuple[SentenceClassifier, Any, list[str
         ) from None
     model.eval()
     return model, tok, labels, int(meta.get("max_length", 32))
+
+
+# ------------------------------------------------------------- minibatch fine-tuning on real sets
+@dataclass
+class TextSplits:
+    """Tokenized train / validation / (optional) test sets and the label names (sorted)."""
+
+    train: Any
+    val: Any
+    test: Any | None
+    names: list[str]
+    truncated: int
+
+
+def text_encoder_of(tok: Any, max_length: int) -> Any:
+    """A torch-free ``TextEncoder`` with the same vocabulary and rules as a HF fast tokenizer."""
+    from tokenizers import Tokenizer
+
+    from toolkit.runtime.text import TextEncoder
+
+    return TextEncoder(Tokenizer.from_str(tok.backend_tokenizer.to_str()), max_length)
+
+
+def load_text_splits(
+    encoder: Any,
+    train: str | Path,
+    val: str | Path | None = None,
+    test: str | Path | None = None,
+    *,
+    text_col: str = "text",
+    label_col: str = "label",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> TextSplits:
+    """Tokenize the data: ``train`` is a CSV/JSONL file or ``"rotten_tomatoes"`` (split 80/10/10,
+    seeded); without ``val`` a seeded 10% of ``train`` is held out for validation.
+
+    Raises:
+        InputError: see ``toolkit.data.text`` (bad rows, one class, a label unseen in training).
+    """
+    import numpy as np
+
+    from toolkit.data import text as T
+
+    if str(train) == "rotten_tomatoes":
+        texts, labels = T.rotten_tomatoes()
+        data = T.tokenize_texts(texts, labels, encoder, "rotten_tomatoes")
+        tr, va, te = T.split_indices(len(data), 0.1, 0.1, seed)
+        splits: list[Any] = [data.subset(tr), data.subset(va), data.subset(te)]
+    else:
+        data = T.tokenize_file(train, encoder, cache_dir, text_col, label_col)
+        if val is None:
+            tr, va, _ = T.split_indices(len(data), 0.1, 0.0, seed)
+            splits = [data.subset(np.sort(tr)), data.subset(np.sort(va)), None]
+        else:
+            splits = [data, T.tokenize_file(val, encoder, cache_dir, text_col, label_col), None]
+        if test is not None:
+            splits[2] = T.tokenize_file(test, encoder, cache_dir, text_col, label_col)
+    names = T.class_names(splits[0])
+    for split, name in zip(splits[1:], ("validation", "test")):
+        if split is not None:
+            T.label_indices(split, names, name)  # fail now on a label unseen in training
+    return TextSplits(splits[0], splits[1], splits[2], names, data.truncated)
+
+
+def _as_batch(data: Any, names: Sequence[str]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    from toolkit.data.text import label_indices
+
+    y = torch.from_numpy(label_indices(data, names))
+    return (torch.from_numpy(data.input_ids), torch.from_numpy(data.attention_mask)), y
+
+
+@dataclass
+class PreparedModel:
+    """The module ``fit`` trains, the full classifier it lives in, and the data in its input form."""
+
+    train_model: nn.Module
+    classifier: SentenceClassifier
+    kind: str
+    k: int
+    data: dict[str, Any]
+
+
+def prepare_model(
+    encoder: nn.Module,
+    splits: TextSplits,
+    trainable: str = "head",
+    *,
+    batch_size: int = 128,
+    progress: Any = None,
+) -> PreparedModel:
+    """Set what is trained and compute the frozen features once.
+
+    Args:
+        encoder: a BERT-style transformers encoder (factorized or not).
+        splits: the tokenized data.
+        trainable: "head", "factors", "all" or "last:K" (see ``toolkit.factorize.text_features``).
+        batch_size: texts per forward when computing features.
+        progress: called with the number of texts done (feature computation).
+
+    Returns:
+        PreparedModel; its ``data`` maps "train" / "val" / "test" to (inputs, targets).
+    """
+    from toolkit.factorize.text_features import TopClassifier, blocks_of, frozen_features, parse_trainable
+
+    blocks = blocks_of(encoder)
+    kind, k = parse_trainable(trainable, len(blocks))
+    if getattr(encoder, "attn_implementation", None) == "sdpa":
+        encoder.attn_implementation = "eager"  # type: ignore[assignment]
+    hidden = int(getattr(encoder, "config").hidden_size)  # noqa: B009
+    clf = SentenceClassifier(encoder, hidden, len(splits.names))
+    with torch.no_grad():  # a zero head: L2-SP on it is plain L2, and every method starts equal
+        clf.head.weight.zero_()
+        clf.head.bias.zero_()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    model: nn.Module
+    if kind in ("head", "last"):
+        model = TopClassifier(nn.ModuleList(list(blocks)[len(blocks) - k :]), clf.head)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = clf
+        for p in clf.head.parameters():
+            p.requires_grad_(True)
+        if kind == "all":
+            for p in clf.parameters():
+                p.requires_grad_(True)
+        else:
+            for layer in factorized_modules(encoder).values():
+                getattr(layer, "U").weight.requires_grad_(True)  # noqa: B009
+    data: dict[str, Any] = {}
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        if split is None:
+            continue
+        (ids, mask), y = _as_batch(split, splits.names)
+        if kind in ("head", "last"):
+            feats = frozen_features(encoder, ids, mask, k, batch_size, progress)
+            data[name] = ((feats, mask) if k else (feats, torch.ones(len(y), 1, dtype=torch.long)), y)
+        else:
+            data[name] = ((ids, mask), y)
+    return PreparedModel(model, clf, kind, k, data)
+
+
+SWEEPABLE = ("l2", "l1", "group_lasso", "l2_sp", "lr", "damping", "weight_decay")
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """``"l2=1e-5,1e-4"`` -> ("l2", [1e-5, 1e-4]).
+
+    Raises:
+        InputError: an unknown setting or a value that is not a number >= 0.
+    """
+    from toolkit.errors import InputError
+
+    name, _, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in SWEEPABLE or not values:
+        raise InputError(f"--sweep: expected NAME=V1,V2,... with NAME in {list(SWEEPABLE)}, got {text!r}")
+    try:
+        grid = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise InputError(f"--sweep {text!r}: expected comma-separated numbers, got {values!r}") from None
+    if not grid or any(not (v >= 0) for v in grid):
+        raise InputError(f"--sweep {text!r}: expected numbers >= 0, got {grid}")
+    return name, grid
+
+
+def run_sweep(
+    prepared: PreparedModel,
+    cfg: Any,
+    run_dir: str | Path,
+    sweep: tuple[str, list[float]] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Fit once per grid value (or once), from the same start; keep the best by validation.
+
+    Writes ``sweep.json``, ``sweep.md`` and ``sweep.png`` under ``run_dir`` when sweeping. The model
+    is left at the chosen run's best validation point.
+
+    Returns:
+        {"chosen": {...}, "runs": [{setting, value, best_val_accuracy, test..., steps, seconds}]}
+    """
+    import dataclasses
+
+    from toolkit.factorize.classify_train import evaluate, fit, load_params, trainable_params
+
+    run = Path(run_dir)
+    model = prepared.train_model
+    start = {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    name, grid = sweep if sweep is not None else ("", [math.nan])
+    rows = []
+    for value in grid:
+        sub = run / f"{name}={value:g}" if sweep is not None else run
+        with torch.no_grad():
+            for n, p in trainable_params(model).items():
+                p.copy_(start[n])
+        c = dataclasses.replace(cfg, **({name: value} if sweep is not None else {}))
+        res = fit(model, prepared.data["train"], prepared.data["val"], c, sub, progress=progress)
+        row: dict[str, Any] = {"setting": name, "value": value, "dir": str(sub), "best_val_accuracy": res.best_val_accuracy,
+                               "best_step": res.best_step, "seconds_to_best": res.best_seconds,
+                               "steps": res.steps, "seconds": res.seconds, "stopped": res.stopped}  # fmt: skip
+        row["train"] = evaluate(model, prepared.data["train"])
+        if "test" in prepared.data:
+            row["test"] = evaluate(model, prepared.data["test"])
+        rows.append(row)
+    best = max(range(len(rows)), key=lambda i: rows[i]["best_val_accuracy"])
+    load_params(model, Path(rows[best]["dir"]) / "best.safetensors")
+    out = {"chosen": rows[best], "runs": rows}
+    if sweep is not None:
+        _write_sweep(run, out)
+    return out
+
+
+def _write_sweep(run: Path, out: dict[str, Any]) -> None:
+    import io
+
+    import matplotlib
+
+    from toolkit.fsio import atomic_write_bytes
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["runs"]
+    atomic_write_bytes(run / "sweep.json", (json.dumps(out, indent=2) + "\n").encode())
+    lines = ["| setting | value | best val acc | test acc | test macro-F1 | train acc | steps | s to best | stopped |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        t = r.get("test", {})
+        mark = " (chosen)" if r is out["chosen"] else ""
+        lines.append(
+            f"| {r['setting']} | {r['value']:g}{mark} | {r['best_val_accuracy']:.4f} | {t.get('accuracy', math.nan):.4f} | "
+            f"{t.get('macro_f1', math.nan):.4f} | {r['train']['accuracy']:.4f} | {r['steps']} | {r['seconds_to_best']:.1f} | {r['stopped']} |"
+        )
+    atomic_write_bytes(run / "sweep.md", ("\n".join(lines) + "\n").encode())
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [max(r["value"], 1e-12) for r in rows]
+    ax.semilogx(xs, [r["best_val_accuracy"] for r in rows], "o-", label="validation (best)")
+    if all("test" in r for r in rows):
+        ax.semilogx(xs, [r["test"]["accuracy"] for r in rows], "s--", label="test (at best validation)")
+    ax.set_xlabel(rows[0]["setting"])
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(run / "sweep.png", buf.getvalue())
+
+
+def export_classifier(
+    clf: SentenceClassifier,
+    tok: Any,
+    names: Sequence[str],
+    out: str | Path,
+    report_json: str,
+    max_length: int,
+    sentences: Sequence[str],
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Save the classifier (``save_classifier``) and export it: model.onnx + manifest.json with the
+    ``text`` entry (tokenizer.json, its sha256, max_length, input names) and ``labels``.
+
+    Returns:
+        The manifest document.
+    """
+    from toolkit.factorize.hf import export_text_model
+    from toolkit.fsio import atomic_write_bytes
+    from toolkit.runtime.text import tokenizer_entry
+
+    out = Path(out)
+    save_classifier(clf, tok, names, report_json, out, max_length)
+    doc = export_text_model(clf, tok, list(sentences)[:8], out, "logits", max_length=max_length, name=name)
+    doc["text"] = tokenizer_entry(out / "tokenizer.json", max_length, "input_ids", "attention_mask", None)
+    doc["labels"] = list(names)
+    atomic_write_bytes(out / "manifest.json", (json.dumps(doc, indent=2) + "\n").encode())
+    return doc

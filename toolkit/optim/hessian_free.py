@@ -118,6 +118,8 @@ class HessianFree(torch.optim.Optimizer):
             ``l2_on_bias`` (the rule applies to both penalties).
         group_lasso: μ over the rank components of the factorized layers in ``params``.
         prune_threshold: components with norm below it are pruned (group lasso only).
+        l2_sp: L2-SP coefficient (per group too): ½ l2_sp ‖θ - θ⁰‖² with θ⁰ the parameters' values
+            when the optimizer is built (the pretrained weights), every parameter including biases.
         line_search: Armijo line search on (else α = 1 when F decreases).
         curvature_fraction: curvature batch size / gradient batch size when no curvature batch is given.
         curvature_sampling: "cycle" (contiguous slices that move by one slice each step) or "random".
@@ -160,6 +162,7 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner_examples: int | None = None,
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
+        l2_sp: float = 0.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -182,6 +185,7 @@ class HessianFree(torch.optim.Optimizer):
             ("l2", l2, 0.0, math.inf, False),
             ("l1", l1, 0.0, math.inf, False),
             ("group_lasso", group_lasso, 0.0, math.inf, False),
+            ("l2_sp", l2_sp, 0.0, math.inf, False),
             ("prune_threshold", prune_threshold, 0.0, math.inf, False),
             ("curvature_fraction", curvature_fraction, 0.0, 1.0, True),
             ("warm_start", warm_start, 0.0, 1.0, False),
@@ -206,13 +210,17 @@ class HessianFree(torch.optim.Optimizer):
             "l2_on_bias": bool(l2_on_bias), "line_search": bool(line_search),
             "curvature_fraction": float(curvature_fraction), "curvature_sampling": curvature_sampling,
             "warm_start": float(warm_start), "jvp_mode": jvp_mode, "seed": int(seed),
-            "preconditioner_examples": preconditioner_examples,
+            "preconditioner_examples": preconditioner_examples, "l2_sp": float(l2_sp),
         }  # fmt: skip
         super().__init__(list(model.parameters()) if params is None else params, defaults)
         FlatParams(model, self._params())  # every parameter must belong to the model
         self._lm = LevenbergMarquardt(min_damping=min_damping, max_damping=max_damping)
         self._generator = torch.Generator().manual_seed(int(seed))
         self.state[_GLOBAL] = {"damping": float(damping), "step": 0, "curvature_offset": 0}  # type: ignore[index]
+        for group in self.param_groups:  # L2-SP anchors θ⁰ (per-parameter state: saved, pruned with it)
+            if group["l2_sp"] > 0:
+                for p in group["params"]:
+                    self.state[p]["l2_sp_anchor"] = p.detach().clone()
 
     # ----------------------------------------------------------------- state
     def _global(self) -> dict[str, Any]:
@@ -243,9 +251,15 @@ class HessianFree(torch.optim.Optimizer):
     def _regularizer(self, flat: FlatParams, like: torch.Tensor) -> Regularizer:
         l2 = torch.zeros_like(like)
         l1 = torch.zeros_like(like)
+        sp, anchor = torch.zeros_like(like), torch.zeros_like(like)
         index = {id(p): i for i, p in enumerate(flat.params)}
         for group in self.param_groups:
             for p in group["params"]:
+                if group["l2_sp"] > 0:
+                    sl = flat.slice_of(index[id(p)])
+                    sp[sl] = group["l2_sp"]
+                    theta0 = self.state[p].setdefault("l2_sp_anchor", p.detach().clone())
+                    anchor[sl] = theta0.reshape(-1).to(like)
                 if p.dim() <= 1 and not group["l2_on_bias"]:
                     continue
                 sl = flat.slice_of(index[id(p)])
@@ -273,8 +287,8 @@ class HessianFree(torch.optim.Optimizer):
                     gid.append(comp.reshape(-1) + n_groups)
                 n_groups += r
         if n_groups:
-            return Regularizer(l2, l1, mu, torch.cat(pos), torch.cat(gid), n_groups)
-        return Regularizer(l2, l1)
+            return Regularizer(l2, l1, mu, torch.cat(pos), torch.cat(gid), n_groups, l2_sp=sp, anchor=anchor)
+        return Regularizer(l2, l1, l2_sp=sp, anchor=anchor)
 
     def _curvature_batch(self, inputs: tuple[Any, ...], targets: Any) -> tuple[tuple[Any, ...], Any]:
         batch = int(inputs[0].shape[0])

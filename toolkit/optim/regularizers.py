@@ -1,6 +1,6 @@
 """L2, L1 and group-lasso penalties on the flat vector θ, consistent in value, gradient and curvature.
 
-    R(θ) = ½ Σ_j a_j θ_j²  +  Σ_j c_j |θ_j|  +  μ Σ_k ‖θ_{G_k}‖₂
+    R(θ) = ½ Σ_j a_j θ_j²  +  Σ_j c_j |θ_j|  +  μ Σ_k ‖θ_{G_k}‖₂  +  ½ Σ_j b_j (θ_j - θ⁰_j)²
 
 - L2 (coefficients a_j, zero on 1-D parameters unless ``l2_on_bias``): gradient a ⊙ θ, curvature
   diag(a), which shifts the damped operator G + λI to G + diag(λ + a) in CG and in the preconditioner.
@@ -11,6 +11,9 @@
   (a column of U with its row of V, ``rank_factors()``). For c = θ_{G_k} ≠ 0 the gradient is μ c/‖c‖
   and the curvature μ (I - ĉĉᵀ)/‖c‖ (ĉ = c/‖c‖; PSD), whose diagonal μ(1 - ĉ²)/‖c‖ joins the
   preconditioner. Components whose norm falls under a threshold are pruned by the optimizer.
+- L2-SP (coefficients b_j, anchor θ⁰: the pretrained weights; Li, Grandvalet & Davoine 2018): the
+  penalty toward the starting point of fine-tuning. Gradient b ⊙ (θ - θ⁰), curvature diag(b), so it
+  enters CG and the preconditioner exactly as L2 does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class Regularizer:
         group_pos: (M,) positions in θ that belong to a group (long).
         group_id: (M,) the group of each such position, in [0, n_groups) (long).
         n_groups: number of groups.
+        l2_sp: (P,) L2-SP coefficients b_j (None: no L2-SP term).
+        anchor: (P,) θ⁰, the point L2-SP pulls toward (required with ``l2_sp``).
     """
 
     def __init__(
@@ -38,6 +43,8 @@ class Regularizer:
         group_pos: torch.Tensor | None = None,
         group_id: torch.Tensor | None = None,
         n_groups: int = 0,
+        l2_sp: torch.Tensor | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> None:
         self.l2, self.l1, self.mu = l2, l1, float(group_lasso)
         dev = l2.device
@@ -47,6 +54,14 @@ class Regularizer:
         self.has_l2 = bool(torch.any(l2 != 0))
         self.has_l1 = bool(torch.any(l1 != 0))
         self.has_group = self.mu > 0 and n_groups > 0
+        self.has_l2_sp = l2_sp is not None and bool(torch.any(l2_sp != 0))
+        if self.has_l2_sp and (anchor is None or anchor.shape != l2_sp.shape):  # type: ignore[union-attr]
+            raise ValueError("l2_sp: expected an anchor θ⁰ of the same shape as the coefficients")
+        self.l2_sp: torch.Tensor = l2_sp if l2_sp is not None and self.has_l2_sp else torch.zeros_like(l2)
+        self.anchor: torch.Tensor = anchor if anchor is not None and self.has_l2_sp else torch.zeros_like(l2)
+        # L2 and L2-SP add the same kind of curvature: diag(a + b)
+        self.quad = self.l2 + self.l2_sp
+        self.has_quad = self.has_l2 or self.has_l2_sp
 
     # group lasso helpers
     def group_norms(self, theta: torch.Tensor) -> torch.Tensor:
@@ -70,11 +85,15 @@ class Regularizer:
             out = out + (self.l1 * theta.abs()).sum()
         if self.has_group:
             out = out + self.mu * self.group_norms(theta).sum()
+        if self.has_l2_sp:
+            out = out + 0.5 * (self.l2_sp * (theta - self.anchor).pow(2)).sum()
         return out
 
     def smooth_grad(self, theta: torch.Tensor) -> torch.Tensor:
         """Gradient of the L2 and group-lasso terms (the L1 term is handled orthant-wise), (P,)."""
         g = self.l2 * theta if self.has_l2 else torch.zeros_like(theta)
+        if self.has_l2_sp:
+            g = g + self.l2_sp * (theta - self.anchor)
         if self.has_group:
             unit, _ = self._unit_and_inv_norm(theta)
             g = g.index_add(0, self.group_pos, self.mu * unit)
@@ -82,7 +101,7 @@ class Regularizer:
 
     def curvature_diag(self, theta: torch.Tensor) -> torch.Tensor:
         """Diagonal of the penalty's curvature, (P,)."""
-        d = self.l2.clone() if self.has_l2 else torch.zeros_like(theta)
+        d = self.quad.clone() if self.has_quad else torch.zeros_like(theta)
         if self.has_group:
             unit, inv = self._unit_and_inv_norm(theta)
             d = d.index_add(0, self.group_pos, self.mu * (1 - unit.pow(2)) * inv[self.group_id])
@@ -96,7 +115,7 @@ class Regularizer:
 
     def apply_curvature(self, pieces: tuple[torch.Tensor, ...], v: torch.Tensor) -> torch.Tensor:
         """The penalty's curvature times v, (P,), from ``curvature_product(θ)``."""
-        out = self.l2 * v if self.has_l2 else torch.zeros_like(v)
+        out = self.quad * v if self.has_quad else torch.zeros_like(v)
         if self.has_group and pieces:
             unit, inv = pieces
             vg = v[self.group_pos]  # (M,)

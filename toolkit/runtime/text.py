@@ -1,0 +1,253 @@
+"""Text in, token arrays out, without torch: the ``tokenizers`` package on a ``tokenizer.json``.
+
+An export that takes text carries its Hugging Face fast-tokenizer file and, in ``manifest.json``, a
+top-level ``"text"`` entry::
+
+    "text": {"tokenizer": "tokenizer.json", "sha256": "<hex>", "max_length": 64,
+             "input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": null}
+
+``TextEncoder`` turns a list of strings into the model's int64 inputs (padded to the longest text,
+truncated at ``max_length`` with the count of truncated texts kept); ``classify_texts`` runs an
+export on texts and, when the manifest names ``"labels"``, returns the label and softmax scores.
+Imports: numpy, tokenizers and the runtime only (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import InputError
+
+
+@dataclass
+class Encoded:
+    """Token arrays of a batch of texts: name -> (B, T) int64, and how many texts were truncated."""
+
+    arrays: dict[str, np.ndarray]
+    truncated: int
+
+
+class TextEncoder:
+    """A ``tokenizers.Tokenizer`` with fixed truncation, feeding names and padding.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``.
+        max_length: token cap per text (special tokens included), >= 2.
+        input_ids, attention_mask, token_type_ids: the model's input names (None: not fed).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        input_ids: str = "input_ids",
+        attention_mask: str | None = "attention_mask",
+        token_type_ids: str | None = None,
+    ) -> None:
+        if not isinstance(max_length, int) or max_length < 2:
+            raise InputError(f"max_length: expected an integer >= 2, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.names = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+        }
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length)
+        pad = tokenizer.token_to_id("[PAD]")
+        self.pad_id = int(pad) if pad is not None else 0
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int, **names: Any) -> TextEncoder:
+        """Load ``tokenizer.json``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            InputError: the file is not a tokenizer.
+        """
+        from tokenizers import Tokenizer
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: expected a tokenizer.json file, got no such file")
+        try:
+            tok = Tokenizer.from_file(str(p))
+        except Exception as exc:  # the tokenizers package raises a bare Exception on a bad file
+            raise InputError(
+                f"{p}: expected a Hugging Face tokenizer.json, got {str(exc).splitlines()[0]}"
+            ) from None
+        return cls(tok, max_length, **names)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's JSON and the cap: a cache key for token arrays."""
+        return hashlib.sha256(f"{self.tokenizer.to_str()}|{self.max_length}".encode()).hexdigest()
+
+    def encode(self, texts: Sequence[str]) -> Encoded:
+        """Tokenize ``texts``: int64 (B, T) arrays padded to the longest (T <= max_length)."""
+        encs = self.tokenizer.encode_batch(list(texts))
+        width = max((len(e.ids) for e in encs), default=1)
+        ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        types = np.zeros((len(encs), width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            ids[i, :n] = e.ids
+            mask[i, :n] = 1
+            types[i, :n] = e.type_ids
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        arrays = {name: out[k] for k, name in self.names.items() if name is not None}
+        return Encoded(arrays, sum(1 for e in encs if e.overflowing))
+
+
+def text_encoder_for(export_dir: str | Path, manifest: dict[str, Any]) -> TextEncoder:
+    """The encoder an export's ``"text"`` manifest entry describes, its file checked by sha256.
+
+    Raises:
+        InputError: no or a malformed ``text`` entry, or a tokenizer file whose hash differs.
+    """
+    d = Path(export_dir)
+    t = manifest.get("text")
+    if (
+        not isinstance(t, dict)
+        or not isinstance(t.get("tokenizer"), str)
+        or not isinstance(t.get("max_length"), int)
+    ):
+        raise InputError(
+            f"{d / 'manifest.json'}: text: expected {{'tokenizer': file, 'max_length': int, ...}}, got {t!r}"
+        )
+    path = d / t["tokenizer"]
+    if path.resolve().parent != d.resolve():
+        raise InputError(
+            f"{d / 'manifest.json'}: text.tokenizer: expected a file name in the export, got {t['tokenizer']!r}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected the export's tokenizer file, got no such file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if t.get("sha256") not in (None, digest):
+        raise InputError(f"{path}: expected sha256 {t['sha256']} (manifest.json), got {digest}")
+    return TextEncoder.from_file(
+        path,
+        t["max_length"],
+        input_ids=t.get("input_ids") or "input_ids",
+        attention_mask=t.get("attention_mask"),
+        token_type_ids=t.get("token_type_ids"),
+    )
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (one text per line).
+
+    Raises:
+        FileNotFoundError, InputError: missing file, undecodable bytes or no text.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: expected a text file (one text per line), got no such file")
+    texts = []
+    with p.open("rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{p}:{i}: expected UTF-8 text, got undecodable bytes ({exc.reason})"
+                ) from None
+            if line:
+                texts.append(line)
+    if not texts:
+        raise InputError(f"{p}: expected at least one non-empty line, got none")
+    return texts
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (B, K) scores, float64."""
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def run_texts(
+    executor: Any, export_dir: str | Path, texts: Sequence[str], batch_size: int = 64
+) -> tuple[dict[str, np.ndarray], int]:
+    """Run an export (a ``toolkit.runtime.Executor``) on texts: (outputs concatenated, truncated count)."""
+    enc = text_encoder_for(export_dir, executor.manifest.raw)
+    parts: list[dict[str, np.ndarray]] = []
+    truncated = 0
+    for i in range(0, len(texts), batch_size):
+        e = enc.encode(texts[i : i + batch_size])
+        truncated += e.truncated
+        parts.append(executor.run(e.arrays))
+    names = list(parts[0])
+    if any(p[n].ndim >= 2 and p[n].shape[1:] != parts[0][n].shape[1:] for p in parts for n in names):
+        # per-token outputs of different widths: pad the token axis with zeros
+        width = max(p[n].shape[1] for p in parts for n in names)
+        for p in parts:
+            for n in names:
+                a = p[n]
+                if a.ndim >= 3:
+                    p[n] = np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+    return {n: np.concatenate([p[n] for p in parts]) for n in names}, truncated
+
+
+def classify_texts(
+    export_dir: str | Path, texts: Sequence[str], threads: int = 0, executor: Any = None
+) -> list[dict[str, Any]]:
+    """Label and scores of each text by a classifier export (manifest with ``text`` and ``labels``).
+
+    Returns:
+        One dict per text: {"text", "label", "scores": {label: probability}}.
+
+    Raises:
+        InputError: the export has no ``labels`` or its output is not (B, len(labels)).
+    """
+    from toolkit.runtime import Executor, SessionConfig
+
+    ex = executor or Executor(
+        export_dir, providers="cpu", session_options=SessionConfig(intra_op_threads=threads)
+    )
+    labels = ex.manifest.raw.get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise InputError(
+            f"{Path(export_dir) / 'manifest.json'}: labels: expected a list of label names, got {labels!r}"
+        )
+    outputs, _ = run_texts(ex, export_dir, texts)
+    logits = next(iter(outputs.values()))
+    if logits.ndim != 2 or logits.shape[1] != len(labels):
+        raise InputError(f"{export_dir}: expected outputs (batch, {len(labels)}), got {logits.shape}")
+    probs = softmax(logits)
+    return [
+        {"text": t, "label": labels[int(p.argmax())], "scores": {lab: float(s) for lab, s in zip(labels, p)}}
+        for t, p in zip(texts, probs)
+    ]
+
+
+def tokenizer_entry(
+    path: str | Path,
+    max_length: int,
+    input_ids: str = "input_ids",
+    attention_mask: str | None = "attention_mask",
+    token_type_ids: str | None = None,
+) -> dict[str, Any]:
+    """The manifest's ``"text"`` entry for a tokenizer file written into an export."""
+    p = Path(path)
+    return {
+        "tokenizer": p.name,
+        "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        "max_length": int(max_length),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+    }
+
+
+def dumps(doc: Any) -> str:
+    """JSON of a result list, one line per text."""
+    return "\n".join(json.dumps(r) for r in doc)
