@@ -124,11 +124,13 @@ def test_cli_sweep_export_and_run_text(tmp_path: Path, minilm: tuple) -> None:
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["labels"] == ["negative", "positive"] and len(summary["sweep"]) == 2
-    table = json.loads((out / "train" / "sweep.json").read_text())
+    table = json.loads((out.with_name("clf.run") / "sweep.json").read_text())
     assert [r["value"] for r in table["runs"]] == [0.0, 1e-2]
     assert table["chosen"]["best_val_accuracy"] == max(r["best_val_accuracy"] for r in table["runs"])
-    assert (out / "train" / "sweep.md").is_file() and (out / "train" / "sweep.png").is_file()
-    assert (out / "train" / "l2_sp=0.01" / "metrics.jsonl").is_file()
+    assert (out.with_name("clf.run") / "sweep.md").is_file() and (
+        out.with_name("clf.run") / "sweep.png"
+    ).is_file()
+    assert (out.with_name("clf.run") / "l2_sp=0.01" / "metrics.jsonl").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["labels"] == ["negative", "positive"]
     assert manifest["text"]["tokenizer"] == "tokenizer.json" and manifest["text"]["max_length"] == 64

@@ -24,7 +24,7 @@ P = click.Path(path_type=Path)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("-o", "--out", type=P, required=True, help="Output directory (classifier + ONNX export).")
 @click.option(
-    "--run-dir", type=P, default=None, help="Checkpoints, metrics.jsonl, curves (default OUT/train)."
+    "--run-dir", type=P, default=None, help="Checkpoints, metrics.jsonl, curves (default OUT.run beside OUT)."
 )
 @click.option(
     "--trainable",
