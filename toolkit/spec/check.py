@@ -282,6 +282,8 @@ def check_graph(
         rank = plan.rank if plan is not None and plan.kind == "rank" else None
         param_count[nid] = node_cost(node.op, node, in_shape, infos[nid][0], rank, vocab.get(nid))[0]
 
+    _causal_needs_positions(by_id, index, order, issues)
+
     # outputs
     if outputs is not None:
         seen: set[str] = set()
@@ -302,6 +304,24 @@ def check_graph(
         analysis.stages = stage_lists
         _crossings(analysis, by_id, outputs or [])
     return analysis, issues
+
+
+def _causal_needs_positions(
+    by_id: dict[str, NodeSpec], index: dict[str, int], order: list[str], issues: list[Issue]
+) -> None:
+    """A causal attention node must see positions: some ``position_embedding`` upstream of it."""
+    has_pos: dict[str, bool] = {}
+    for nid in order:  # topological: every node's inputs come first
+        node = by_id[nid]
+        has_pos[nid] = node.op == "position_embedding" or any(has_pos.get(r, False) for r in node.in_)
+        if node.op == "attention" and node.causal and not has_pos[nid]:
+            issues.append(
+                (
+                    ("nodes", index[nid], "causal"),
+                    f"causal attention '{nid}' has no position_embedding upstream; "
+                    "expected positions before a causal model",
+                )
+            )
 
 
 def _plan(
@@ -482,6 +502,8 @@ def resolved_dict(spec: GraphSpec) -> dict[str, Any]:
         if op.factorizable:
             fac = node.factorize if node.factorize is not None else spec.defaults.factorize
             d["factorize"] = "none" if fac is None else fac.model_dump()
+        if node.group is not None:
+            d["group"] = node.group
         nodes.append(d)
     out: dict[str, Any] = {"name": spec.name}
     if spec.description is not None:
