@@ -408,36 +408,46 @@ def _stage_lists(
             return None
         return [sorted(stage, key=pos.__getitem__) for stage in stages]
     rule = stages.auto
-    costs = [param_count.get(nid, 0) * BYTES_PER_PARAM for nid in order]
+    # units: a repeated block's instance is never cut; other nodes are units of their own
+    units: list[list[str]] = []
+    for nid in order:
+        group = by_id[nid].group
+        if group is not None and units and by_id[units[-1][-1]].group == group:
+            units[-1].append(nid)
+        else:
+            units.append([nid])
+    costs = [sum(param_count.get(nid, 0) for nid in unit) * BYTES_PER_PARAM for unit in units]
     if rule.count is not None:
-        if rule.count > len(order):
+        if rule.count > len(units):
+            what = "nodes" if len(units) == len(order) else "nodes and block repeats"
             issues.append(
                 (
                     ("stages", "auto", "count"),
-                    f"count {rule.count} exceeds the number of nodes ({len(order)})",
+                    f"count {rule.count} exceeds the number of {what} ({len(units)})",
                 )
             )
             return None
         bounds = _partition_count(costs, rule.count)
         starts = [0, *bounds[:-1]]
-        return [order[a:b] for a, b in zip(starts, bounds)]
+        return [[nid for unit in units[a:b] for nid in unit] for a, b in zip(starts, bounds)]
     assert rule.max_bytes is not None
     budget = int(rule.max_bytes)
     chunks: list[list[str]] = [[]]
     used = 0
-    for nid, cost in zip(order, costs):
+    for unit, cost in zip(units, costs):
         if cost > budget:
+            what = f"node '{unit[0]}'" if len(unit) == 1 else f"block repeat '{by_id[unit[0]].group}'"
             issues.append(
                 (
                     ("stages", "auto", "max_bytes"),
-                    f"node '{nid}' alone needs {cost} parameter bytes > max_bytes {budget}",
+                    f"{what} alone needs {cost} parameter bytes > max_bytes {budget}",
                 )
             )
             return None
         if chunks[-1] and used + cost > budget:
             chunks.append([])
             used = 0
-        chunks[-1].append(nid)
+        chunks[-1].extend(unit)
         used += cost
     return chunks
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, PrivateAttr, WithJsonSchema, field_validator, model_serializer, model_validator
 
 from toolkit.spec._base import StrictModel
+from toolkit.spec.blocks import json_schema_extra
 from toolkit.spec.ops import OPS
 from toolkit.spec.train_config import TrainConfig
 
@@ -236,6 +237,8 @@ class GraphSpec(StrictModel):
     Get one from ``load_spec`` / ``parse_spec``; ``stage_partition()`` and ``resolved()`` need the
     graph analysis those functions attach.
     """
+
+    model_config = StrictModel.model_config | {"json_schema_extra": json_schema_extra}
 
     name: str = Field(min_length=1)
     description: str | None = None
