@@ -100,6 +100,11 @@ def test_stage_lists_may_name_a_repeat() -> None:
     s = _block_spec(2)
     s["stages"] = [["enc"], ["pool"]]
     assert parse_spec(s).stage_partition()[1] == ["pool"]
+    s["stages"] = [["enc.0"], ["enc.1", "pool"]]
+    assert parse_spec(s).stage_partition() == [
+        ["enc_0_q", "enc_0_att", "enc_0_out"],
+        ["enc_1_q", "enc_1_att", "enc_1_out", "pool"],
+    ]
 
 
 def _problem(data: dict, tmp_path: Path) -> tuple[int, str]:

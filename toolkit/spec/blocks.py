@@ -16,8 +16,8 @@ nodes:
 
 Expansion happens before validation: repeat k of ``encoder`` becomes the nodes ``encoder_<k>_<id>``
 (``group: encoder.<k>``) with the block's references renamed; a reference to ``encoder`` (in nodes,
-outputs or stage lists) means the last repeat's output, and ``encoder`` inside a stage list stands for
-all its nodes. Problems found later in an expanded node are reported at the block's node (or at the
+outputs or stage lists) means the last repeat's output; inside a stage list ``encoder`` stands for
+all its nodes and ``encoder.3`` for the nodes of repeat 3. Problems found later in an expanded node are reported at the block's node (or at the
 override that set the field), naming the repeat, so line numbers point into the file as written.
 """
 
@@ -202,6 +202,7 @@ def expand_blocks(data: dict[str, Any]) -> tuple[dict[str, Any], Remap, list[Iss
                     node["in"] = [formal.get(r, rename.get(r, r)) if isinstance(r, str) else r for r in refs]
                 node["group"] = f"{rep.id}.{k}"
                 out_nodes.append(node)
+                members.setdefault(f"{rep.id}.{k}", []).append(node["id"])
                 field_locs = {key: ("nodes", i, "overrides", k, str(tmpl.get("id")), key) for key in changed}
                 origin.append((("blocks", rep.block, "nodes", j), f" (in {rep.id} repeat {k})", field_locs))
                 ids.append(node["id"])

