@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -141,3 +142,58 @@ def test_bad_import_exit_2_nothing_written(case: str, needle: str, tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and needle in result.output, result.output
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.fixture(scope="module")
+def exported(imported: dict[str, Any]) -> dict[str, Any]:
+    """The imported MiniLM exported once through `rlhf export` (3 stages, int8 too)."""
+    out = imported["out"].parent / "export"
+    result = CliRunner().invoke(
+        main, ["export", str(imported["out"]), "-o", str(out), "--samples", "16", "--quantize", "int8"]
+    )
+    assert result.exit_code == 0, result.output
+    return {"dir": out, "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+@pytest.mark.slow
+def test_export_stages_text_convention_and_dynamic_sequence(
+    imported: dict[str, Any], exported: dict[str, Any]
+) -> None:
+    from toolkit.export.text import tokenize
+    from toolkit.runtime import Executor
+
+    man, out = exported["manifest"], exported["dir"]
+    assert len(man["stages"]) == 3 and all(s["parity"]["ok"] for s in man["stages"])
+    data = (MINILM / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == data
+    assert man["text"] == {
+        "tokenizer": "tokenizer.json",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "max_length": 256,
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "token_type_ids": "token_type_ids",
+    }
+    assert all(t["shape"] == [None, None] for t in man["inputs"])
+    # sentences of other lengths than the export's sample, tokenized without torch
+    from toolkit.factorize.corpus import python_reference_sentences
+
+    model = imported["model"]
+    resident = Executor(out)
+    streamed = Executor(out, memory_budget=60_000_000)  # under the whole model's 90 MB: one stage at a time
+    for sentences in (python_reference_sentences()[200:203], ["Lists are mutable sequences."]):
+        feeds = tokenize(imported["meta"]["text"], sentences)
+        with torch.no_grad():
+            _, ref = model(*(torch.as_tensor(feeds[n]) for n in model.input_names))
+        got = resident.run(feeds)["pool"]
+        assert np.abs(got - ref.numpy()).max() <= 1e-4
+        assert np.array_equal(streamed.run(feeds)["pool"], got)  # streaming is bit-identical
+
+
+@pytest.mark.slow
+def test_int8_per_stage_files_are_smaller(exported: dict[str, Any]) -> None:
+    q = exported["manifest"]["quantization"]
+    assert q["end_to_end"]["size_ratio"] <= 0.30
+    assert all(
+        (exported["dir"] / s["files"]["int8"]["file"]).is_file() for s in exported["manifest"]["stages"]
+    )

@@ -207,3 +207,35 @@ def test_bad_transformer_specs(change, field, needle) -> None:
     with pytest.raises(SpecError) as err:
         parse_spec(s)
     assert any(p.path == field and needle in p.message for p in err.value.problems), str(err.value)
+
+
+def test_export_keeps_sequence_axis_dynamic(tmp_path: Path) -> None:
+    from toolkit.export import export_model
+    from toolkit.runtime import Executor
+    from toolkit.spec import load_spec
+    from toolkit.spec.sequence import sequence_tensors
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "graphs" / "encoder.yaml")
+    assert {"tokens", "emb", "pos", "enc_1_ln2"} <= sequence_tensors(spec)
+    assert "pool" not in sequence_tensors(spec) and "head" not in sequence_tensors(spec)
+    model = build_model(spec, seed=0).eval()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 17, (6, 64)).astype(np.int64)
+    manifest = export_model(model, tmp_path / "exp", sample={"tokens": tokens})
+    assert manifest["inputs"][0]["shape"] == [None, None]
+    assert manifest["stages"][1]["inputs"][0]["shape"] == [None, None, 32]
+    ex = Executor(tmp_path / "exp")
+    for length in (64, 40, 3):
+        short = tokens[:, :length]
+        with torch.no_grad():
+            ref = model(torch.as_tensor(short)).numpy()
+        np.testing.assert_allclose(ex.run({"tokens": short})["head"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_length_pinning_op_keeps_shapes_fixed() -> None:
+    from toolkit.spec.sequence import sequence_tensors
+
+    s = encoder_spec()
+    s["nodes"][9] = {"id": "pool", "op": "flatten", "in": "norm"}
+    s["nodes"][10] = {"id": "head", "op": "linear", "in": "pool", "out": 3}
+    assert sequence_tensors(parse_spec(s)) == set()

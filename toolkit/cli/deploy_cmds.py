@@ -30,6 +30,14 @@ def _load_samples(
     return sample, targets, calib
 
 
+def _text_samples(text: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """``n`` sentences of the Python reference manual through the model's tokenizer (at most 128 tokens)."""
+    from toolkit.export.text import tokenize
+    from toolkit.factorize.corpus import python_reference_sentences
+
+    return tokenize(text, python_reference_sentences()[:n], min(128, int(text["max_length"])))
+
+
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -56,8 +64,12 @@ def export(
 
     if samples < 2:
         raise ValueError(f"--samples: expected at least 2, got {samples}")
-    model, spec, _ = load_model(source)
-    sample, targets, calib = _load_samples(spec, samples)
+    model, spec, meta = load_model(source)
+    text = meta.get("text")
+    if text is not None:  # a text model (rlhf import): real sentences through its own tokenizer
+        sample, targets, calib = _text_samples(text, samples), None, None
+    else:
+        sample, targets, calib = _load_samples(spec, samples)
     manifest = export_model(
         model,
         out,
@@ -69,6 +81,7 @@ def export(
         optimize=optimize,
         overwrite=overwrite,
         source=str(source.resolve()),
+        text=text,
     )
     par = manifest["parity"]["end_to_end"]
     click.echo(

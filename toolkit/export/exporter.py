@@ -63,6 +63,18 @@ def _model_name(model: Any) -> str:
     return str(spec_name or getattr(model, "name", None) or type(model).__name__)
 
 
+def _sequence(model: Any) -> tuple[set[str], int | None]:
+    """Tensors with a dynamic sequence axis (spec-built transformer models) and the longest length."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "analysis"):
+        return set(), None
+    from toolkit.spec.sequence import sequence_tensors
+
+    seq = sequence_tensors(spec)
+    lengths = [spec.inputs[k].shape[0] for k in spec.inputs if k in seq]
+    return seq, (max(lengths) if lengths else None)
+
+
 def _trace_args(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
     """At most TRACE_BATCH rows, at least 2 (torch.export specializes a batch of 1)."""
     out = []
@@ -148,6 +160,7 @@ def export_model(
     name: str | None = None,
     quant_candidates: Sequence[quant.QuantSetting] = quant.CANDIDATES,
     source: str | None = None,
+    text: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a staged model: one ONNX file per stage, fused.onnx, manifest.json.
 
@@ -172,6 +185,9 @@ def export_model(
         name: model name for the manifest (default: ``model.name`` or the class name).
         quant_candidates: int8 settings to measure (default: toolkit.export.quantize.CANDIDATES).
         source: where the model came from (run dir or checkpoint), recorded for `rlhf bench`.
+        text: a text model's tokenizer metadata (a checkpoint's ``meta["text"]``, see
+            toolkit.export.text): ``tokenizer.json`` is written beside the ONNX files and the
+            manifest gets a ``text`` entry.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -215,6 +231,12 @@ def export_model(
             quant_candidates,
         )
         manifest["source"] = source
+        if text is not None:
+            from toolkit.export.text import TOKENIZER_FILE, check_text_meta, manifest_text
+
+            check_text_meta(text, list(model.input_names), "text")
+            _write(tmp, TOKENIZER_FILE, str(text["tokenizer_json"]).encode("utf-8"))
+            manifest["text"] = manifest_text(text)
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()
         _write(tmp, "manifest.json", data)
         _finalize(tmp, out, overwrite)
@@ -239,6 +261,15 @@ def _export_into(
     quant_candidates: Sequence[quant.QuantSetting],
 ) -> dict[str, Any]:
     in_names, out_names = list(model.input_names), list(model.output_names)
+    seq, max_seq = _sequence(model)
+
+    def info(n: str, a: np.ndarray) -> dict[str, Any]:
+        return tensor_info(n, a, sequence=n in seq)
+
+    def export(module: Any, arrays: list[np.ndarray], ins: list[str], outs: list[str]) -> onnx.ModelProto:
+        flags = [n in seq for n in ins]
+        return export_module(module, _trace_args(arrays), ins, outs, opset, flags, max_seq)
+
     envs = _torch_chain(model, sample)
     with torch.no_grad():
         torch_out = _to_numpy(model(*[torch.from_numpy(sample[n]) for n in in_names]))
@@ -258,7 +289,7 @@ def _export_into(
         where = f"stage {i} ({ins} -> {outs})"
         before = envs[i - 1] if i else {k: v for k, v in sample.items()}
         try:
-            proto = export_module(stage, _trace_args([before[n] for n in ins]), ins, outs, opset)
+            proto = export(stage, [before[n] for n in ins], ins, outs)
             data = finish(proto, ins, outs, _stage_file(i, "fp32"))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
@@ -273,8 +304,8 @@ def _export_into(
         stage_entries.append(
             {
                 "index": i,
-                "inputs": [tensor_info(n, before[n]) for n in ins],
-                "outputs": [tensor_info(n, envs[i][n]) for n in outs],
+                "inputs": [info(n, before[n]) for n in ins],
+                "outputs": [info(n, envs[i][n]) for n in outs],
                 "parameters": int(sum(p.numel() for p in stage.parameters())),
                 "files": {"fp32": _write(tmp, _stage_file(i, "fp32"), data)},
                 "parity": parity.to_dict(),
@@ -283,7 +314,7 @@ def _export_into(
 
     # fused: the whole model as one graph
     try:
-        proto = export_module(model, _trace_args([sample[n] for n in in_names]), in_names, out_names, opset)
+        proto = export(model, [sample[n] for n in in_names], in_names, out_names)
         fused = finish(proto, in_names, out_names, _fused_file("fp32"))
     except ValueError as exc:
         raise ValueError(f"fused model: {exc}") from None
@@ -333,8 +364,8 @@ def _export_into(
     return build_manifest(
         name=name,
         opset=opset,
-        inputs=[tensor_info(n, sample[n]) for n in in_names],
-        outputs=[tensor_info(n, a) for n, a in zip(out_names, torch_out)],
+        inputs=[info(n, sample[n]) for n in in_names],
+        outputs=[info(n, a) for n, a in zip(out_names, torch_out)],
         stages=stage_entries,
         fused=fused_entry,
         parity={

@@ -108,7 +108,10 @@ def preprocess(model: bytes, workdir: Path) -> bytes:
     src, dst = workdir / "pre_in.onnx", workdir / "pre_out.onnx"
     src.write_bytes(model)
     with _quiet():
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        except Exception:  # symbolic inference gives up on some dynamic axes (a sequence length): ONNX's own
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst.read_bytes()
 
 
