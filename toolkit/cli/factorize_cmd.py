@@ -131,9 +131,8 @@ def factorize(
             console,
         )
     else:
-        from toolkit.factorize.spec_model import data_batches, factorize_checkpoint
-
         from toolkit.checkpoint import load_model
+        from toolkit.factorize.spec_model import data_batches, factorize_checkpoint
 
         calib = None
         dense_model, spec, meta = load_model(source)
