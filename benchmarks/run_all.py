@@ -24,6 +24,10 @@ BENCHES = {
     "optim": ("bench_optim.py", "Hessian-free vs Adam vs L-BFGS; curvature-product cost"),
     "runtime": ("bench_runtime.py", "Per-stage onnxruntime vs fused vs torch; streaming; int8"),
     "factorize": ("bench_factorize.py", "Factorizing dense models: digits MLP, MiniLM, ASVD vs SVD"),
+    "transformer": (
+        "bench_transformer.py",
+        "MiniLM imported as a spec: 3 stages vs fused vs torch, int8, streaming",
+    ),
 }
 
 

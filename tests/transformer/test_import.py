@@ -197,3 +197,23 @@ def test_int8_per_stage_files_are_smaller(exported: dict[str, Any]) -> None:
     assert all(
         (exported["dir"] / s["files"]["int8"]["file"]).is_file() for s in exported["manifest"]["stages"]
     )
+
+
+@pytest.mark.slow
+def test_factorize_imported_checkpoint(imported: dict[str, Any]) -> None:
+    from toolkit.checkpoint import load_model
+
+    out = imported["out"].parent / "factorized"
+    result = CliRunner().invoke(main, ["factorize", str(imported["out"]), "-o", str(out), "--ratio", "0.5"])
+    assert result.exit_code == 0, result.output
+    model, spec, meta = load_model(out)
+    assert meta["text"]["sha256"] == imported["meta"]["text"]["sha256"]  # the tokenizer travels on
+    ranks = model.ranks()
+    assert set(ranks) == {n.id for n in spec.nodes if n.op == "linear"}  # the blocks' linears only
+    assert ranks["encoder_0_q"] == 96 and ranks["encoder_5_ff1"] == 153  # r(out+in) <= out*in/2
+    dense_w = imported["model"].node_modules()["encoder_3_v"].weight.detach().double()
+    u, s, vh = torch.linalg.svd(dense_w)
+    best = (u[:, :96] * s[:96]) @ vh[:96]  # the best rank-96 approximation, float64
+    got = model.node_modules()["encoder_3_v"].dense_weight().detach().double()
+    torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-5)
+    assert spec.node("encoder_3_v").group == "encoder.3"  # blocks survive into the new spec
