@@ -171,7 +171,7 @@ def main() -> int:
 
     from toolkit.checkpoint import load_model
     from toolkit.export import export_model
-    from toolkit.export.text import tokenize
+    from toolkit.export.text import quant_candidates, tokenize
     from toolkit.factorize.hf import minilm_dir
     from toolkit.hf_import import import_bert
     from toolkit.runtime import Executor, SessionConfig
@@ -210,7 +210,13 @@ def main() -> int:
         t0 = time.perf_counter()
         calib = tokenize(text, sentences(16 if args.quick else 64, 900), MAX_TOKENS)
         manifest = export_model(
-            model, work / "export", sample=feeds, calibration=calib, quantize="int8", text=text
+            model,
+            work / "export",
+            sample=feeds,
+            calibration=calib,
+            quantize="int8",
+            text=text,
+            quant_candidates=quant_candidates(),
         )
         r["export_seconds"] = time.perf_counter() - t0
         exp = work / "export"

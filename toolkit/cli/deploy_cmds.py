@@ -30,6 +30,12 @@ def _load_samples(
     return sample, targets, calib
 
 
+def _text_quant() -> Any:
+    from toolkit.export.text import quant_candidates
+
+    return quant_candidates()
+
+
 def _text_samples(text: dict[str, Any], n: int) -> dict[str, np.ndarray]:
     """``n`` sentences of the Python reference manual through the model's tokenizer (at most 128 tokens)."""
     from toolkit.export.text import tokenize
@@ -82,6 +88,7 @@ def export(
         overwrite=overwrite,
         source=str(source.resolve()),
         text=text,
+        **({"quant_candidates": _text_quant()} if text is not None else {}),
     )
     par = manifest["parity"]["end_to_end"]
     click.echo(
