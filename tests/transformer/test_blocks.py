@@ -154,3 +154,18 @@ def test_bad_blocks_one_line_exit_2(mutate, needle, tmp_path: Path) -> None:
     assert len(lines) == 1 and needle in lines[0], out
     assert f"{tmp_path / 'bad.yaml'}:" in lines[0], out
     assert lines[0].split("bad.yaml:")[1].split(":")[0].isdigit(), out  # file:line: path: message
+
+
+def test_graph_draws_each_repeat_inside_its_stage() -> None:
+    from toolkit.spec.summary import to_dot, to_mermaid
+
+    spec = load_spec(ENCODER)
+    mermaid = to_mermaid(spec)
+    assert (
+        'subgraph block_enc_0["block enc.0"]' in mermaid and 'subgraph block_enc_1["block enc.1"]' in mermaid
+    )
+    # repeat 0 is drawn inside stage 0, repeat 1 inside stage 1
+    assert mermaid.index("subgraph stage0") < mermaid.index("block_enc_0") < mermaid.index("subgraph stage1")
+    assert mermaid.index("subgraph stage1") < mermaid.index("block_enc_1")
+    dot = to_dot(spec)
+    assert dot.count("subgraph cluster_block_") == 2 and '"enc_1_att" [label=' in dot
