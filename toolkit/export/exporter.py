@@ -234,7 +234,7 @@ def export_model(
         if text is not None:
             from toolkit.export.text import TOKENIZER_FILE, check_text_meta, manifest_text
 
-            check_text_meta(text, list(model.input_names), "text")
+            check_text_meta(text, list(staged.input_names), "text")
             _write(tmp, TOKENIZER_FILE, str(text["tokenizer_json"]).encode("utf-8"))
             manifest["text"] = manifest_text(text)
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()

@@ -38,7 +38,10 @@ class PositionEmbedding(nn.Module):
 
     def positions(self) -> torch.Tensor:
         """The whole (max_len, d) table."""
-        return self.table.weight if self.kind == "learned" else self.fixed
+        if self.kind == "learned":
+            return self.table.weight
+        fixed: torch.Tensor = self.get_buffer("fixed")
+        return fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]

@@ -106,12 +106,12 @@ def expand_blocks(data: dict[str, Any]) -> tuple[dict[str, Any], Remap, list[Iss
         block = _validate(BlockSpec, raw, ("blocks", name), issues)
         if block is None:
             continue
-        local = [n.get("id") for n in block.nodes if isinstance(n, dict)]
-        if block.output not in local:
+        block_ids = [str(n.get("id")) for n in block.nodes if isinstance(n, dict)]
+        if block.output not in block_ids:
             issues.append(
                 (
                     ("blocks", name, "output"),
-                    f"unknown block node '{block.output}'{suggest(block.output, map(str, local))} (block nodes: {local})",
+                    f"unknown block node '{block.output}'{suggest(block.output, block_ids)} (block nodes: {block_ids})",
                 )
             )
             continue
@@ -203,8 +203,11 @@ def expand_blocks(data: dict[str, Any]) -> tuple[dict[str, Any], Remap, list[Iss
                 node["group"] = f"{rep.id}.{k}"
                 out_nodes.append(node)
                 members.setdefault(f"{rep.id}.{k}", []).append(node["id"])
-                field_locs = {key: ("nodes", i, "overrides", k, str(tmpl.get("id")), key) for key in changed}
-                origin.append((("blocks", rep.block, "nodes", j), f" (in {rep.id} repeat {k})", field_locs))
+                field_locs: dict[str, Loc] = {
+                    str(key): ("nodes", i, "overrides", k, str(tmpl.get("id")), str(key)) for key in changed
+                }
+                where: Loc = ("blocks", rep.block, "nodes", j)
+                origin.append((where, f" (in {rep.id} repeat {k})", field_locs))
                 ids.append(node["id"])
             carried = rename[block.output]
         alias[rep.id] = carried
