@@ -169,3 +169,18 @@ def test_graph_draws_each_repeat_inside_its_stage() -> None:
     assert mermaid.index("subgraph stage1") < mermaid.index("block_enc_1")
     dot = to_dot(spec)
     assert dot.count("subgraph cluster_block_") == 2 and '"enc_1_att" [label=' in dot
+
+
+def test_schema_documents_blocks_and_transformer_ops() -> None:
+    from toolkit.spec import json_schema
+
+    schema = json_schema()
+    assert "blocks" in schema["properties"]
+    block = schema["properties"]["blocks"]["additionalProperties"]
+    assert set(block["properties"]) == {"inputs", "output", "nodes"}
+    repeat = schema["properties"]["nodes"]["items"]["anyOf"][1]
+    assert {"id", "block", "repeat", "in", "overrides"} <= set(repeat["properties"])
+    assert repeat["properties"]["repeat"]["maximum"] == 1024
+    op_doc = str(schema)
+    for op in ("attention", "position_embedding", "masked_mean", "select", "mul"):
+        assert f"{op}: " in op_doc
