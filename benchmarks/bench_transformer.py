@@ -7,7 +7,8 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
 2. Latency p50/p90 at batch 1 and 32 (sentences of the reference manual, padded to the batch's
    longest, at most 128 tokens): the 3-stage export through toolkit.runtime.Executor, the fused
    export, and (batch 1) torch eager on the spec model; calls interleaved round by round, 2 intra-op
-   threads everywhere (onnxruntime and torch.set_num_threads(2)).
+   threads everywhere (onnxruntime and torch.set_num_threads(2)); also plain onnxruntime sessions with
+   intra-op thread spinning off (3 sessions' spinning pools compete on 2 cores).
 3. Per-stage int8 (dynamic quantization chosen by the exporter): sentence-embedding cosine to fp32
    and file sizes.
 4. Streaming: peak RSS (VmHWM above the baseline once onnxruntime's environment is up) of the resident
@@ -137,6 +138,37 @@ def interleaved(
     return out
 
 
+def no_spin_sessions(
+    exp: Path, manifest: dict[str, Any]
+) -> tuple[Callable[[Any], object], Callable[[Any], object]]:
+    """Plain onnxruntime sessions (the executor's options are not reachable from here) with
+    ``session.intra_op.allow_spinning = 0``: each session owns an intra-op thread pool whose threads
+    spin after a run; with 3 stage sessions on 2 cores the idle pools' spinning competes with the
+    running stage. Returns (run the stages in a chain, run the fused file)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    stages = []
+    for st in manifest["stages"]:
+        sess = ort.InferenceSession(
+            str(exp / st["files"]["fp32"]["file"]), so, providers=["CPUExecutionProvider"]
+        )
+        stages.append((sess, [i["name"] for i in st["inputs"]], [o["name"] for o in st["outputs"]]))
+    fused = ort.InferenceSession(
+        str(exp / manifest["fused"]["files"]["fp32"]["file"]), so, providers=["CPUExecutionProvider"]
+    )
+
+    def chain(feeds: Any) -> object:
+        env = dict(feeds)
+        for sess, ins, outs in stages:
+            env.update(zip(outs, sess.run(outs, {n: env[n] for n in ins})))
+        return env
+
+    return chain, lambda feeds: fused.run(None, feeds)
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -223,12 +255,15 @@ def main() -> int:
         cfg = SessionConfig(intra_op_threads=THREADS)
         staged = Executor(exp, providers="cpu", session_options=cfg)
         fused = Executor(exp, providers="cpu", session_options=cfg, fused=True)
+        quiet = no_spin_sessions(exp, manifest)
         lat: dict[str, Any] = {}
         for batch in (1, 32):
             f = tokenize(text, sentences(batch, 600), MAX_TOKENS)
             fns: dict[str, Callable[[], object]] = {
                 "staged (3 stages)": lambda f=f: staged.run(f),
                 "fused": lambda f=f: fused.run(f),
+                "staged, spinning off": lambda f=f: quiet[0](f),
+                "fused, spinning off": lambda f=f: quiet[1](f),
             }
             if batch == 1:
                 ts = [torch.as_tensor(f[n]) for n in model.input_names]
@@ -316,7 +351,12 @@ def report(r: dict[str, Any]) -> str:
     for batch, entry in r["latency"].items():
         res = entry["results"]
         ratio = res["staged (3 stages)"]["p50_ms"] / res["fused"]["p50_ms"]
-        lines.append(f"- batch {batch}: staged / fused = {ratio:.3f}")
+        lines.append(f"- batch {batch}: staged / fused = {ratio:.3f} (executor)")
+        if "fused, spinning off" in res:
+            quiet = res["staged, spinning off"]["p50_ms"] / res["fused, spinning off"]["p50_ms"]
+            lines.append(
+                f"- batch {batch}: staged / fused = {quiet:.3f} (plain sessions, intra-op spinning off)"
+            )
         if "torch eager" in res:
             lines.append(
                 f"- batch {batch}: torch eager / onnxruntime staged = {res['torch eager']['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
