@@ -28,6 +28,7 @@ ORDER = [
     "checkpoint",
     "checkpoint_stream",
     "export",  # needs a model, not the training loop; writes the manifest format runtime defines
+    "hf_import",  # rlhf import: a Hugging Face BERT directory -> spec + checkpoint
     "planner",  # placement planner: pure algorithm modules; measure.py drives builder/export/runtime
     "factorize",
     "train",  # train/deploy.py (`rlhf train --export`) drives export and runtime from above

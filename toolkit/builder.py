@@ -17,6 +17,8 @@ from torch import nn
 
 from toolkit.errors import InputError
 from toolkit.layers import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear, FactorizedMixin
+from toolkit.layers.attention import Attention
+from toolkit.layers.sequence import MaskedMean, Mul, PositionEmbedding, Select
 from toolkit.spec import GraphSpec, InputSpec, NodeSpec, parse_spec
 from toolkit.spec.check import RankPlan
 
@@ -137,6 +139,16 @@ def _node_module(node: NodeSpec, spec: GraphSpec, dense: bool) -> nn.Module:
         return nn.Softmax(dim=_batch_axes(p("axis"))[0])
     if op == "add":
         return Add()
+    if op == "mul":
+        return Mul()
+    if op == "attention":
+        return Attention(p("heads"), bool(p("causal")))
+    if op == "position_embedding":
+        return PositionEmbedding(p("max_len"), in_shape[-1], p("kind"))
+    if op == "masked_mean":
+        return MaskedMean()
+    if op == "select":
+        return Select(p("index"))
     if op == "concat":
         return Concat(_batch_axes(p("axis"))[0])
     if op == "flatten":

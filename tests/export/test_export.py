@@ -59,7 +59,13 @@ def test_roundtrip_parity_per_stage(graph: Path, graph_export: Any) -> None:
         assert [t.name for t in proto.graph.output] == list(stage.output_names)
         assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
         # parameter names kept where the exporter allows (it may fold BatchNorm or pre-transpose a weight)
-        factors = {n for n, _ in stage.named_parameters() if ".U." in n or ".V." in n}
+        # (a linear on a sequence [T, d] exports as MatMul with a pre-transposed, renamed weight)
+        on_seq = {n for n in stage.node_ids if len(model.spec.analysis.infos[n][0]) > 1}
+        factors = {
+            n
+            for n, _ in stage.named_parameters()
+            if (".U." in n or ".V." in n) and not (n.split(".")[0] in on_seq and n.endswith("weight"))
+        }
         kept = factors & {t.name for t in proto.graph.initializer}
         assert len(kept) >= 0.5 * len(factors), (factors, kept)
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)

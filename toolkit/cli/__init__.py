@@ -60,6 +60,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "factorize",
         "Factorize a dense model (checkpoint or Hugging Face) by SVD.",
     ),
+    "import": (
+        "toolkit.cli.import_cmd",
+        "import_",
+        "Import a Hugging Face BERT-family model directory as a spec + checkpoint.",
+    ),
     "classify": (
         "toolkit.cli.classify_cmd",
         "classify",

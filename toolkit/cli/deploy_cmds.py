@@ -52,6 +52,20 @@ def _load_samples(
     return sample, labels(test, n), calib, select, select_targets
 
 
+def _text_quant() -> Any:
+    from toolkit.export.text import quant_candidates
+
+    return quant_candidates()
+
+
+def _text_samples(text: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """``n`` sentences of the Python reference manual through the model's tokenizer (at most 128 tokens)."""
+    from toolkit.export.text import tokenize
+    from toolkit.factorize.corpus import python_reference_sentences
+
+    return tokenize(text, python_reference_sentences()[:n], min(128, int(text["max_length"])))
+
+
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -78,8 +92,12 @@ def export(
 
     if samples < 2:
         raise InputError(f"--samples: expected at least 2, got {samples}")
-    model, spec, _ = load_model(source)
-    sample, targets, calib, select, select_targets = _load_samples(spec, samples)
+    model, spec, meta = load_model(source)
+    text = meta.get("text")
+    if text is not None:  # a text model (rlhf import): real sentences through its own tokenizer
+        sample, targets, calib, select, select_targets = _text_samples(text, samples), None, None, None, None
+    else:
+        sample, targets, calib, select, select_targets = _load_samples(spec, samples)
     manifest = export_model(
         model,
         out,
@@ -93,6 +111,8 @@ def export(
         source=str(source.resolve()),
         selection=select if quantize else None,
         selection_targets=select_targets,
+        text=text,
+        **({"quant_candidates": _text_quant()} if text is not None else {}),
     )
     par = manifest["parity"]["end_to_end"]
     click.echo(

@@ -59,7 +59,8 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
     "--calibration",
     type=click.Path(path_type=Path),
     default=None,
-    help="Hugging Face: .txt/.csv sentences (default: the Python reference manual); spec: ignored (its train data).",
+    help="Hugging Face and imported text models: .txt/.csv sentences (default: the Python reference manual); "
+    "other spec models: ignored (their train data).",
 )
 @click.option("--samples", type=int, default=128, show_default=True, help="Calibration sentences / rows.")
 @click.option(
@@ -142,16 +143,27 @@ def factorize(
             console,
         )
     else:
+        from toolkit.checkpoint import load_model
         from toolkit.factorize.spec_model import data_batches, factorize_checkpoint
 
         calib = None
-        if method == "asvd" or refit or sensitivity:
-            from toolkit.checkpoint import load_model
-            from toolkit.data import load_data
+        dense_model, spec, meta = load_model(source)
+        text = meta.get("text")
+        if text is not None and include is None:  # a text model: the repeated blocks' layers
+            from toolkit.factorize.spec_model import node_pattern
 
-            dense_model, spec, _meta = load_model(source)
-            data = load_data(spec.train.data, spec.inputs)
-            calib = data_batches(data.train.inputs, list(spec.inputs), limit=samples * 8)
+            include = node_pattern(n.id for n in spec.nodes if n.group is not None)
+        if method == "asvd" or refit or sensitivity:
+            if text is not None:  # real sentences through the model's own tokenizer
+                from toolkit.export.text import tokenize
+
+                arrays = tokenize(text, _sentences(calibration, samples), 128)
+                calib = data_batches(arrays, list(spec.inputs), batch_size=32, limit=samples)
+            else:
+                from toolkit.data import load_data
+
+                data = load_data(spec.train.data, spec.inputs)
+                calib = data_batches(data.train.inputs, list(spec.inputs), limit=samples * 8)
             if sensitivity:
                 from toolkit.factorize.sensitivity import output_distortion
 

@@ -64,6 +64,18 @@ def _model_name(model: Any) -> str:
     return str(spec_name or getattr(model, "name", None) or type(model).__name__)
 
 
+def _sequence(model: Any) -> tuple[set[str], int | None]:
+    """Tensors with a dynamic sequence axis (spec-built transformer models) and the longest length."""
+    spec = getattr(model, "spec", None)
+    if spec is None or not hasattr(spec, "analysis"):
+        return set(), None
+    from toolkit.spec.sequence import sequence_tensors
+
+    seq = sequence_tensors(spec)
+    lengths = [spec.inputs[k].shape[0] for k in spec.inputs if k in seq]
+    return seq, (max(lengths) if lengths else None)
+
+
 def _trace_args(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
     """At most TRACE_BATCH rows, at least 2 (torch.export specializes a batch of 1)."""
     out = []
@@ -151,6 +163,7 @@ def export_model(
     source: str | None = None,
     selection: Mapping[str, np.ndarray] | None = None,
     selection_targets: np.ndarray | None = None,
+    text: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a staged model: one ONNX file per stage, fused.onnx, manifest.json.
 
@@ -178,6 +191,9 @@ def export_model(
         selection: inputs the int8 setting is *chosen* on (a validation split), with
             ``selection_targets`` its labels; ``sample``/``targets`` (the test split) then only
             report the chosen setting. None: chosen on ``sample`` itself (the report says so).
+        text: a text model's tokenizer metadata (a checkpoint's ``meta["text"]``, see
+            toolkit.export.text): ``tokenizer.json`` is written beside the ONNX files and the
+            manifest gets a ``text`` entry.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -223,6 +239,12 @@ def export_model(
             (select, selection_targets) if select is not None else None,
         )
         manifest["source"] = source
+        if text is not None:
+            from toolkit.export.text import TOKENIZER_FILE, check_text_meta, manifest_text
+
+            check_text_meta(text, list(staged.input_names), "text")
+            _write(tmp, TOKENIZER_FILE, str(text["tokenizer_json"]).encode("utf-8"))
+            manifest["text"] = manifest_text(text)
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()
         _write(tmp, "manifest.json", data)
         _finalize(tmp, out, overwrite)
@@ -248,6 +270,15 @@ def _export_into(
     selection: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None,
 ) -> dict[str, Any]:
     in_names, out_names = list(model.input_names), list(model.output_names)
+    seq, max_seq = _sequence(model)
+
+    def info(n: str, a: np.ndarray) -> dict[str, Any]:
+        return tensor_info(n, a, sequence=n in seq)
+
+    def export(module: Any, arrays: list[np.ndarray], ins: list[str], outs: list[str]) -> onnx.ModelProto:
+        flags = [n in seq for n in ins]
+        return export_module(module, _trace_args(arrays), ins, outs, opset, flags, max_seq)
+
     envs = _torch_chain(model, sample)
     with torch.no_grad():
         torch_out = _to_numpy(model(*[torch.from_numpy(sample[n]) for n in in_names]))
@@ -267,7 +298,7 @@ def _export_into(
         where = f"stage {i} ({ins} -> {outs})"
         before = envs[i - 1] if i else {k: v for k, v in sample.items()}
         try:
-            proto = export_module(stage, _trace_args([before[n] for n in ins]), ins, outs, opset)
+            proto = export(stage, [before[n] for n in ins], ins, outs)
             data = finish(proto, ins, outs, _stage_file(i, "fp32"))
         except ValueError as exc:
             raise (InputError if isinstance(exc, InputError) else ValueError)(f"{where}: {exc}") from None
@@ -282,8 +313,8 @@ def _export_into(
         stage_entries.append(
             {
                 "index": i,
-                "inputs": [tensor_info(n, before[n]) for n in ins],
-                "outputs": [tensor_info(n, envs[i][n]) for n in outs],
+                "inputs": [info(n, before[n]) for n in ins],
+                "outputs": [info(n, envs[i][n]) for n in outs],
                 "parameters": int(sum(p.numel() for p in stage.parameters())),
                 "files": {"fp32": _write(tmp, _stage_file(i, "fp32"), data)},
                 "parity": parity.to_dict(),
@@ -292,7 +323,7 @@ def _export_into(
 
     # fused: the whole model as one graph
     try:
-        proto = export_module(model, _trace_args([sample[n] for n in in_names]), in_names, out_names, opset)
+        proto = export(model, [sample[n] for n in in_names], in_names, out_names)
         fused = finish(proto, in_names, out_names, _fused_file("fp32"))
     except ValueError as exc:
         raise (InputError if isinstance(exc, InputError) else ValueError)(f"fused model: {exc}") from None
@@ -350,8 +381,8 @@ def _export_into(
     return build_manifest(
         name=name,
         opset=opset,
-        inputs=[tensor_info(n, sample[n]) for n in in_names],
-        outputs=[tensor_info(n, a) for n, a in zip(out_names, torch_out)],
+        inputs=[info(n, sample[n]) for n in in_names],
+        outputs=[info(n, a) for n, a in zip(out_names, torch_out)],
         stages=stage_entries,
         fused=fused_entry,
         parity={

@@ -14,9 +14,13 @@ import torch
 from toolkit.runtime.manifest import FORMAT, VERSION
 
 
-def tensor_info(name: str, array: np.ndarray) -> dict[str, Any]:
-    """``{"name", "dtype", "shape"}`` with ``None`` for the (dynamic) batch axis."""
-    return {"name": name, "dtype": str(array.dtype), "shape": [None, *(int(d) for d in array.shape[1:])]}
+def tensor_info(name: str, array: np.ndarray, sequence: bool = False) -> dict[str, Any]:
+    """``{"name", "dtype", "shape"}`` with ``None`` for the (dynamic) batch axis, and for axis 1
+    too when ``sequence`` (a dynamic sequence length)."""
+    shape: list[int | None] = [None, *(int(d) for d in array.shape[1:])]
+    if sequence and len(shape) > 1:
+        shape[1] = None
+    return {"name": name, "dtype": str(array.dtype), "shape": shape}
 
 
 def file_entry(name: str, data: bytes) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from toolkit.fsio import write_synced
 
 DEFAULT_OPSET = 18
 BATCH = "batch"
+SEQUENCE = "sequence"
 
 
 _REGISTRY_CACHE: dict[Any, Any] = {}
@@ -129,8 +130,13 @@ def export_module(
     input_names: Sequence[str],
     output_names: Sequence[str],
     opset: int = DEFAULT_OPSET,
+    sequence: Sequence[bool] | None = None,
+    max_sequence: int | None = None,
 ) -> onnx.ModelProto:
     """Trace ``module(*args)`` to ONNX with a dynamic batch axis (axis 0 of every input and output).
+
+    With ``sequence``, axis 1 of the flagged inputs is a second dynamic axis (one sequence length
+    shared by all of them, at most ``max_sequence``).
 
     Args:
         module: the stage (or whole model), in eval mode.
@@ -153,7 +159,9 @@ def export_module(
             "produce new tensors (the executor keeps earlier tensors available to later stages)"
         )
     batch = torch.export.Dim(BATCH)
-    per_arg = tuple({0: batch} for _ in args)
+    seq = torch.export.Dim(SEQUENCE, max=max_sequence) if sequence and any(sequence) else None
+    flags = list(sequence or [False] * len(args))
+    per_arg = tuple({0: batch, 1: seq} if flag and seq is not None else {0: batch} for flag in flags)
     held = _needs_holder(module)
     target: nn.Module = _Holder(module) if held else module
     params = list(inspect.signature(target.forward).parameters.values())

@@ -111,8 +111,12 @@ def preprocess(model: bytes, workdir: Path) -> bytes:
     """onnxruntime's quant_pre_process (shape inference + basic fusions), recommended before quantizing."""
     src, dst = workdir / "pre_in.onnx", workdir / "pre_out.onnx"
     src.write_bytes(model)
+    # onnxruntime's symbolic shape inference gives up on a second dynamic axis (a sequence length)
+    # and leaves temporary files in the working directory when it does: use ONNX's own inference there
+    graph = onnx.load_from_string(model).graph
+    seq_axis = any(d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim[1:])
     with _quiet():
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=seq_axis)
     return dst.read_bytes()
 
 

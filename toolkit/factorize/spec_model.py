@@ -61,7 +61,7 @@ def factorize_checkpoint(
         model,
         new_spec,
         {
-            **{k: v for k, v in meta.items() if k in ("seed", "loss", "data")},
+            **{k: v for k, v in meta.items() if k in ("seed", "loss", "data", "text")},
             "dense": False,
             "factorized_from": str(source),
         },

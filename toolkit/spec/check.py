@@ -384,6 +384,8 @@ def check_graph(
     if too_big and not any("max_node_params" in msg for _, msg in issues):
         issues.append((("nodes",), too_big))
 
+    _causal_needs_positions(by_id, index, order, issues)
+
     # outputs
     if outputs is not None:
         seen: set[str] = set()
@@ -418,6 +420,24 @@ def _size_key(node: NodeSpec, in_shape: Shape) -> str:
     if "out" in op.params and node.out is not None and node.out >= widest_in:
         return "out"
     return "in"
+
+
+def _causal_needs_positions(
+    by_id: dict[str, NodeSpec], index: dict[str, int], order: list[str], issues: list[Issue]
+) -> None:
+    """A causal attention node must see positions: some ``position_embedding`` upstream of it."""
+    has_pos: dict[str, bool] = {}
+    for nid in order:  # topological: every node's inputs come first
+        node = by_id[nid]
+        has_pos[nid] = node.op == "position_embedding" or any(has_pos.get(r, False) for r in node.in_)
+        if node.op == "attention" and node.causal and not has_pos[nid]:
+            issues.append(
+                (
+                    ("nodes", index[nid], "causal"),
+                    f"causal attention '{nid}' has no position_embedding upstream; "
+                    "expected positions before a causal model",
+                )
+            )
 
 
 def _plan(
@@ -504,7 +524,15 @@ def _stage_lists(
             return None
         return [sorted(stage, key=pos.__getitem__) for stage in stages]
     rule = stages.auto
-    costs = [param_count.get(nid, 0) * BYTES_PER_PARAM for nid in order]
+    # units: a repeated block's instance is never cut; other nodes are units of their own
+    units: list[list[str]] = []
+    for nid in order:
+        group = by_id[nid].group
+        if group is not None and units and by_id[units[-1][-1]].group == group:
+            units[-1].append(nid)
+        else:
+            units.append([nid])
+    costs = [sum(param_count.get(nid, 0) for nid in unit) * BYTES_PER_PARAM for unit in units]
     if rule.count is not None:
         if rule.count > limits.MAX_AUTO_STAGES:
             issues.append(
@@ -514,34 +542,36 @@ def _stage_lists(
                 )
             )
             return None
-        if rule.count > len(order):
+        if rule.count > len(units):
+            what = "nodes" if len(units) == len(order) else "nodes and block repeats"
             issues.append(
                 (
                     ("stages", "auto", "count"),
-                    f"count {rule.count} exceeds the number of nodes ({len(order)})",
+                    f"count {rule.count} exceeds the number of {what} ({len(units)})",
                 )
             )
             return None
         bounds = _partition_count(costs, rule.count)
         starts = [0, *bounds[:-1]]
-        return [order[a:b] for a, b in zip(starts, bounds)]
+        return [[nid for unit in units[a:b] for nid in unit] for a, b in zip(starts, bounds)]
     assert rule.max_bytes is not None
     budget = int(rule.max_bytes)
     chunks: list[list[str]] = [[]]
     used = 0
-    for nid, cost in zip(order, costs):
+    for unit, cost in zip(units, costs):
         if cost > budget:
+            what = f"node '{unit[0]}'" if len(unit) == 1 else f"block repeat '{by_id[unit[0]].group}'"
             issues.append(
                 (
                     ("stages", "auto", "max_bytes"),
-                    f"node '{nid}' alone needs {cost} parameter bytes > max_bytes {budget}",
+                    f"{what} alone needs {cost} parameter bytes > max_bytes {budget}",
                 )
             )
             return None
         if chunks[-1] and used + cost > budget:
             chunks.append([])
             used = 0
-        chunks[-1].append(nid)
+        chunks[-1].extend(unit)
         used += cost
     return chunks
 
@@ -606,6 +636,8 @@ def resolved_dict(spec: GraphSpec) -> dict[str, Any]:
         if op.factorizable:
             fac = node.factorize if node.factorize is not None else spec.defaults.factorize
             d["factorize"] = "none" if fac is None else fac.model_dump()
+        if node.group is not None:
+            d["group"] = node.group
         nodes.append(d)
     out: dict[str, Any] = {"name": spec.name}
     if spec.description is not None:

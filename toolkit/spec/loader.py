@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from toolkit import limits
+from toolkit.spec.blocks import expand_blocks
 from toolkit.spec.check import Issue, check_graph
 from toolkit.spec.errors import Loc, Problem, SpecError, format_path, suggest
 from toolkit.spec.schema import AutoStages, Defaults, GraphSpec, InputSpec, NodeSpec
@@ -420,14 +421,17 @@ def _parse(data: Any, source: str, lines: LineMap, extra: list[Issue]) -> GraphS
             ]
         )
     issues = list(extra)
+    data, remap, block_issues = expand_blocks(data)  # repeated blocks -> plain nodes
+    if block_issues:
+        raise SpecError(sorted(problems(issues + block_issues), key=lambda p: p.line or 1 << 30))
     spec: GraphSpec | None = None
     try:
         spec = GraphSpec.model_validate(data)
     except ValidationError as exc:
-        issues += _pydantic_issues(exc.errors(), data)
+        issues += remap(_pydantic_issues(exc.errors(), data))
     inputs, nodes, opaque, defaults, outputs, stages, complete = _pieces(data)
     analysis, graph_issues = check_graph(inputs, nodes, opaque, defaults, outputs, stages, complete)
-    issues += graph_issues
+    issues += remap(graph_issues)
     if issues or spec is None:
         found = problems(issues)
         found.sort(key=lambda p: p.line if p.line is not None else 1 << 30)

@@ -3,7 +3,8 @@
 A spec names an op from this table and nothing else, so it can never import or run code. Shapes
 here never include the batch axis; axes count over the per-example shape (negative from the end).
 Costs are per example: parameters and multiply-adds of the matrix products (elementwise ops,
-normalisation and pooling count as 0 multiply-adds).
+normalisation and pooling count as 0 multiply-adds; attention counts QKᵀ and the weighted sum of V).
+Transformer ops treat axis 0 of the per-example shape as the sequence axis.
 """
 
 from __future__ import annotations
@@ -151,6 +152,75 @@ def _mean(node: Any, infos: list[TensorInfo]) -> TensorInfo:
     return tuple(d for i, d in enumerate(shape) if i not in norm), dtype
 
 
+def _float(infos: list[TensorInfo], count: int, what: str) -> None:
+    for k, (_, dtype) in enumerate(infos[:count]):
+        if dtype != "float32":
+            raise OpError(f"expected float32 {what} (input {k}), got {dtype} (embed token ids first)")
+
+
+def _mask(shape: Shape, mask: TensorInfo, what: str) -> None:
+    if mask[0] != shape:
+        raise OpError(f"expected a mask of shape {list(shape)} ({what}), got {list(mask[0])}")
+
+
+def _attention(node: Any, infos: list[TensorInfo]) -> TensorInfo:
+    _float(infos, 3, "queries, keys and values")
+    (q, _), (k, _), (v, _) = infos[:3]
+    if len(q) != 2 or len(k) != 2 or len(v) != 2:
+        raise OpError(f"expected [seq, width] queries, keys, values, got {[list(q), list(k), list(v)]}")
+    if q[1] != k[1] or k != v:
+        raise OpError(
+            f"expected queries [T, d], keys and values [S, d] of one width, got {[list(q), list(k), list(v)]}"
+        )
+    heads = node.param("heads")
+    if heads < 1 or q[1] % heads:
+        raise OpError(f"heads {heads} does not divide the width {q[1]}", "heads")
+    if node.param("causal") and q[0] != k[0]:
+        raise OpError(f"causal attention needs as many queries as keys, got {q[0]} and {k[0]}", "causal")
+    if len(infos) == 4:
+        _mask((k[0],), infos[3], "one value per key position")
+    return q, "float32"
+
+
+def _position_embedding(node: Any, infos: list[TensorInfo]) -> TensorInfo:
+    _float(infos, 1, "embeddings")
+    shape, dtype = infos[0]
+    if len(shape) != 2:
+        raise OpError(f"expected a [seq, width] input, got shape {list(shape)}")
+    kind, max_len = node.param("kind"), node.param("max_len")
+    if kind not in ("learned", "sinusoidal"):
+        raise OpError(f"expected kind 'learned' or 'sinusoidal', got {kind!r}", "kind")
+    if shape[0] > max_len:
+        raise OpError(f"sequence length {shape[0]} exceeds max_len {max_len}", "max_len")
+    if kind == "sinusoidal" and shape[1] % 2:
+        raise OpError(f"sinusoidal positions need an even width, got {shape[1]}", "kind")
+    return shape, dtype
+
+
+def _pool_input(infos: list[TensorInfo]) -> Shape:
+    _float(infos, 1, "values")
+    shape = infos[0][0]
+    if len(shape) < 2:
+        raise OpError(f"expected a [seq, ...] input with at least 2 axes, got shape {list(shape)}")
+    if len(infos) == 2:
+        _mask(shape[:1], infos[1], "one value per position")
+    return shape
+
+
+def _masked_mean(node: Any, infos: list[TensorInfo]) -> TensorInfo:
+    return _pool_input(infos)[1:], "float32"
+
+
+def _select(node: Any, infos: list[TensorInfo]) -> TensorInfo:
+    shape = _pool_input(infos)
+    index = node.param("index")
+    if not -shape[0] <= index < shape[0]:
+        raise OpError(f"index {index} out of range for a sequence of {shape[0]}", "index")
+    if len(infos) == 2 and index != -1:
+        raise OpError(f"a mask input selects the last real position: expected index -1, got {index}", "index")
+    return shape[1:], "float32"
+
+
 _ACT = "elementwise activation"
 
 OPS: dict[str, OpDef] = {
@@ -197,6 +267,44 @@ OPS: dict[str, OpDef] = {
         OpDef("softplus", {}, 1, 1, _single, doc=_ACT),
         OpDef("softmax", {"axis": -1}, 1, 1, _softmax, doc="softmax along an axis"),
         OpDef("add", {}, 2, None, _add, doc="sum of inputs of one shape"),
+        OpDef("mul", {}, 2, None, _add, doc="elementwise product of inputs of one shape"),
+        OpDef(
+            "attention",
+            {"heads": REQUIRED, "causal": False},
+            3,
+            4,
+            _attention,
+            doc="multi-head softmax(Q Kᵀ/√d_head + mask) V; in: [q, k, v] or [q, k, v, mask] "
+            "(mask [S]: 1 = attend, 0 = padding); causal: each position sees itself and earlier ones",
+            float_only=False,
+        ),
+        OpDef(
+            "position_embedding",
+            {"max_len": REQUIRED, "kind": "learned"},
+            1,
+            1,
+            _position_embedding,
+            doc="x + P[:T] for a [T, d] input; P learned (max_len x d) or sinusoidal (fixed)",
+        ),
+        OpDef(
+            "masked_mean",
+            {},
+            1,
+            2,
+            _masked_mean,
+            doc="mean over the sequence axis 0, counting only positions whose mask is 1; in: [x] or [x, mask]",
+            float_only=False,
+        ),
+        OpDef(
+            "select",
+            {"index": 0},
+            1,
+            2,
+            _select,
+            doc="one position of the sequence axis 0 (0 = first / CLS, -1 = last); "
+            "with a mask input and index -1, the last position whose mask is 1",
+            float_only=False,
+        ),
         OpDef("concat", {"axis": -1}, 2, None, _concat, doc="concatenate along an axis"),
         OpDef("flatten", {}, 1, 1, _flatten, doc="flatten the per-example shape to one axis"),
         OpDef("reshape", {"shape": REQUIRED}, 1, 1, _reshape, doc="reshape each example (one -1 allowed)"),
@@ -207,7 +315,23 @@ OPS: dict[str, OpDef] = {
 }
 
 # every op-specific key a node may carry (the keys NodeSpec knows besides id, op, in, factorize)
-PARAM_KEYS = ("out", "kernel", "stride", "padding", "bias", "vocab", "p", "axis", "shape", "eps")
+PARAM_KEYS = (
+    "out",
+    "kernel",
+    "stride",
+    "padding",
+    "bias",
+    "vocab",
+    "p",
+    "axis",
+    "shape",
+    "eps",
+    "heads",
+    "causal",
+    "max_len",
+    "kind",
+    "index",
+)
 
 
 def dense_map_shape(op: str, node: Any, in_shape: Shape, vocab: int | None) -> tuple[int, int]:
@@ -230,7 +354,8 @@ def node_cost(
     Linear: dense out·in (+out bias), factorized r·(out+in) (+out), times the leading positions for
     multiply-adds. Conv2d: the same with in·k·k per output position (Ho·Wo positions). Embedding:
     vocab·d parameters and no multiply-adds dense; factorized vocab·r + r·d parameters and r·d
-    multiply-adds per token. Norms have 2 parameters per normalised feature.
+    multiply-adds per token. Norms have 2 parameters per normalised feature. Attention: 2·T²·d
+    multiply-adds (its projections are separate ``linear`` nodes); learned positions max_len·d parameters.
     """
     if op in ("linear", "conv2d", "embedding"):
         m, n = dense_map_shape(op, node, in_shape, vocab)
@@ -252,4 +377,9 @@ def node_cost(
         return 2 * in_shape[-1], 0
     if op == "batch_norm":
         return 2 * in_shape[0], 0
+    if op == "attention":
+        t, d = in_shape  # QKᵀ and (weights)·V: T·S·d each (self-attention: S = T)
+        return 0, 2 * t * t * d
+    if op == "position_embedding":
+        return (node.param("max_len") * in_shape[-1] if node.param("kind") == "learned" else 0), 0
     return 0, 0

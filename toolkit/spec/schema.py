@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr, WithJsonSchema, field_validator, model_
 
 from toolkit.errors import InputError
 from toolkit.spec._base import StrictModel
+from toolkit.spec.blocks import json_schema_extra
 from toolkit.spec.ops import OPS
 from toolkit.spec.train_config import TrainConfig
 
@@ -117,14 +118,22 @@ class NodeSpec(StrictModel):
     """One node of the graph: ``op`` from the registry, ``in`` one or several references.
 
     The op-specific keys (``out``, ``kernel``, ``stride``, ``padding``, ``bias``, ``p``, ``axis``,
-    ``shape``, ``eps``, ``vocab``) are optional here; which apply to which op, and their defaults, are
+    ``shape``, ``eps``, ``vocab``, ``heads``, ``causal``, ``max_len``, ``kind``, ``index``) are optional here; which apply to which op, and their defaults, are
     in ``toolkit.spec.ops.OPS``. Axes count over the per-example shape (no batch axis).
     """
 
     model_config = StrictModel.model_config | {"populate_by_name": True}
 
     id: str = Field(pattern=ID_PATTERN)
-    op: Annotated[str, WithJsonSchema({"enum": sorted(OPS)})]
+    op: Annotated[
+        str,
+        WithJsonSchema(
+            {
+                "enum": sorted(OPS),
+                "description": "node type; " + "; ".join(f"{k}: {OPS[k].doc}" for k in sorted(OPS)),
+            }
+        ),
+    ]
     in_: list[str] = Field(alias="in", min_length=1)
     out: int | None = Field(
         None, ge=1, description="output features (linear), channels (conv2d), dim (embedding)"
@@ -138,7 +147,19 @@ class NodeSpec(StrictModel):
     axis: int | list[int] | None = None
     shape: list[int] | None = None
     eps: float | None = Field(None, gt=0.0)
+    heads: int | None = Field(None, ge=1, description="attention heads (must divide the width)")
+    causal: bool | None = Field(
+        None, description="attention: each position sees only itself and earlier ones"
+    )
+    max_len: int | None = Field(None, ge=1, description="position_embedding: the longest sequence")
+    kind: Literal["learned", "sinusoidal"] | None = Field(None, description="position_embedding table")
+    index: int | None = Field(
+        None, description="select: the position on the sequence axis (0 = first, -1 = last)"
+    )
     factorize: FactorizeField = None
+    group: str | None = Field(
+        None, description="the repeated block instance this node came from (set by block expansion)"
+    )
 
     @field_validator("in_", mode="before")
     @classmethod
@@ -217,6 +238,8 @@ class GraphSpec(StrictModel):
     Get one from ``load_spec`` / ``parse_spec``; ``stage_partition()`` and ``resolved()`` need the
     graph analysis those functions attach.
     """
+
+    model_config = StrictModel.model_config | {"json_schema_extra": json_schema_extra}
 
     name: str = Field(min_length=1)
     description: str | None = None

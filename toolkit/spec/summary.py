@@ -86,15 +86,38 @@ def _label(spec: GraphSpec, nid: str) -> str:
     return f"{nid}: {node.op}{extra} [{shape}]"
 
 
+def _runs(spec: GraphSpec, ids: list[str]) -> list[tuple[str | None, list[str]]]:
+    """A stage's node ids split into runs of one repeated-block instance (group) or of none."""
+    runs: list[tuple[str | None, list[str]]] = []
+    for nid in ids:
+        group = spec.node(nid).group
+        if runs and runs[-1][0] == group:
+            runs[-1][1].append(nid)
+        else:
+            runs.append((group, [nid]))
+    return runs
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def to_mermaid(spec: GraphSpec) -> str:
-    """A Mermaid flowchart: graph inputs, one subgraph per stage, edges along ``in`` references."""
+    """A Mermaid flowchart: graph inputs, one subgraph per stage (nested: one per block repeat),
+    edges along ``in`` references."""
     a = spec.analysis
     lines = ["flowchart TD"]
     for name, inp in spec.inputs.items():
         lines.append(f'    {name}[/"{name} [{"x".join(map(str, inp.shape))}] {inp.dtype}"/]')
     for s, ids in enumerate(a.stages):
         lines.append(f'    subgraph stage{s}["stage {s}"]')
-        lines += [f'        {nid}["{_label(spec, nid)}"]' for nid in ids]
+        for group, run in _runs(spec, ids):
+            indent = "        " if group is None else "            "
+            if group is not None:
+                lines.append(f'        subgraph block_{_safe(group)}["block {group}"]')
+            lines += [f'{indent}{nid}["{_label(spec, nid)}"]' for nid in run]
+            if group is not None:
+                lines.append("        end")
         lines.append("    end")
     for node in spec.nodes:
         lines += [f"    {ref} --> {node.id}" for ref in node.in_]
@@ -114,7 +137,14 @@ def to_dot(spec: GraphSpec) -> str:
     for s, ids in enumerate(a.stages):
         lines.append(f"    subgraph cluster_stage{s} {{")
         lines.append(f'        label="stage {s}"; style=rounded;')
-        lines += [f'        "{nid}" [label="{_label(spec, nid)}"];' for nid in ids]
+        for group, run in _runs(spec, ids):
+            indent = "        " if group is None else "            "
+            if group is not None:
+                lines.append(f"        subgraph cluster_block_{_safe(group)} {{")
+                lines.append(f'            label="block {group}"; style=dashed;')
+            lines += [f'{indent}"{nid}" [label="{_label(spec, nid)}"];' for nid in run]
+            if group is not None:
+                lines.append("        }")
         lines.append("    }")
     for node in spec.nodes:
         lines += [f'    "{ref}" -> "{node.id}";' for ref in node.in_]
