@@ -124,7 +124,7 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner_alpha: α in [0, 1] of the diagonal preconditioner (0 disables it).
         kfac_every: outer steps between K-FAC factor estimates.
         kfac_damping: "eigen" (exact inverse of the damped Kronecker block) or "pi" (π-damping).
-        adaptive_cg: start the CG cap at ``cg_initial_iters`` and grow it (to ``cg_max_iters``)
+        adaptive_cg: start the CG cap at ``cg_initial_iters`` (at most ``cg_max_iters``) and grow it
             after steps that run into it; else the cap is ``cg_max_iters``.
         cg_initial_iters: the first CG cap with ``adaptive_cg``.
         adaptive_curvature: grow the curvature batch from ``curvature_fraction`` up to
@@ -159,14 +159,14 @@ class HessianFree(torch.optim.Optimizer):
         *,
         curvature: str = "ggn",
         damping: float = 1.0,
-        cg_max_iters: int = 100,
+        cg_max_iters: int = 250,
         cg_min_iters: int = 10,
         cg_tol: float = 5e-4,
-        preconditioner: str = "diagonal",
+        preconditioner: str = "kfac",
         preconditioner_alpha: float = 0.75,
         kfac_every: int = 5,
         kfac_damping: str = "eigen",
-        adaptive_cg: bool = False,
+        adaptive_cg: bool = True,
         cg_initial_iters: int = 10,
         adaptive_curvature: bool = False,
         curvature_max_fraction: float = 1.0,
@@ -176,7 +176,7 @@ class HessianFree(torch.optim.Optimizer):
         prune_threshold: float = 1e-3,
         l2_on_bias: bool = False,
         line_search: bool = True,
-        curvature_fraction: float = 0.25,
+        curvature_fraction: float = 0.1,
         curvature_sampling: str = "cycle",
         warm_start: float = 0.95,
         jvp_mode: str = "double_vjp",
@@ -215,7 +215,7 @@ class HessianFree(torch.optim.Optimizer):
             ("prune_threshold", prune_threshold, 0.0, math.inf, False),
             ("curvature_fraction", curvature_fraction, 0.0, 1.0, True),
             ("kfac_every", kfac_every, 1, math.inf, False),
-            ("cg_initial_iters", cg_initial_iters, 1, cg_max_iters if adaptive_cg else math.inf, False),
+            ("cg_initial_iters", cg_initial_iters, 1, math.inf, False),
             ("curvature_max_fraction", curvature_max_fraction, curvature_fraction, 1.0, False),
             ("warm_start", warm_start, 0.0, 1.0, False),
             (
@@ -250,7 +250,8 @@ class HessianFree(torch.optim.Optimizer):
         self._generator = torch.Generator().manual_seed(int(seed))
         self.state[_GLOBAL] = {"damping": float(damping), "step": 0, "curvature_offset": 0}  # type: ignore[index]
         self._cg_budget = CGBudget(
-            int(cg_initial_iters) if adaptive_cg else int(cg_max_iters), int(cg_max_iters)
+            min(int(cg_initial_iters), int(cg_max_iters)) if adaptive_cg else int(cg_max_iters),
+            int(cg_max_iters),
         )
         self._curv_budget = CurvatureBudget(float(curvature_fraction), float(curvature_max_fraction))
         self._global().update(cg_cap=self._cg_budget.cap, noise=math.nan)

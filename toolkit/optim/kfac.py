@@ -188,6 +188,8 @@ class KFAC:
         Returns:
             [(A, G)] in block order; A is (in+1, in+1) with a bias, else (in, in); G is (out, out).
         """
+        if not self.blocks:
+            return []
         acts: dict[int, torch.Tensor] = {}
         outs: dict[int, torch.Tensor] = {}
         handles = []
@@ -208,9 +210,9 @@ class KFAC:
         if len(leaves) != 1:
             raise ValueError(f"K-FAC: expected a model with one output tensor, got {len(leaves)}")
         z = leaves[0]
-        ws = _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
-        weight = 1.0 if self.samples == "exact" else 1.0 / len(ws)
-        live = [k for k in range(len(self.blocks)) if k in outs]
+        live = [k for k in range(len(self.blocks)) if k in outs and outs[k].requires_grad]
+        ws = [] if not live else _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
+        weight = 1.0 if self.samples == "exact" else 1.0 / max(len(ws), 1)
         g_sum = {k: None for k in live}
         with torch.enable_grad():
             for n, w in enumerate(ws):
@@ -225,6 +227,8 @@ class KFAC:
                     g_sum[k] = term if g_sum[k] is None else g_sum[k] + term
         result = []
         for k, blk in enumerate(self.blocks):
+            if k not in acts:  # the sublayer is not on this batch's path: no curvature seen
+                acts[k] = torch.zeros(1, blk.in_features, dtype=z.dtype, device=z.device)
             a = acts[k].reshape(-1, blk.in_features)  # (B·T, in)
             if blk.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)  # (B·T, in+1)
