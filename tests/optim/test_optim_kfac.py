@@ -190,3 +190,23 @@ def test_bad_preconditioner_settings_rejected(small_net) -> None:
         HessianFree(small_net(), F.mse_loss, kfac_damping="tikhonov")
     with pytest.raises(ValueError, match="samples"):
         KFAC(small_net(), [], [0], samples=0)
+
+
+def test_spec_preconditioner_reaches_the_optimizer(small_net) -> None:
+    """train.optimizer.preconditioner / adaptive_cg go to HessianFree; unset ones keep its defaults."""
+    from toolkit.spec.train_config import OptimizerConfig
+    from toolkit.train.optimizers import make_stepper
+
+    model = small_net()
+    cfg = OptimizerConfig(name="hessian_free", preconditioner="diagonal", adaptive_cg=False, cg_max_iters=7)
+    opt = make_stepper(model, F.mse_loss, list(model.parameters()), cfg).opt
+    assert (opt.defaults["preconditioner"], opt.defaults["adaptive_cg"]) == ("diagonal", False)
+    assert opt.state_dict()["state"]["hessian_free"]["cg_cap"] == 7
+    plain = make_stepper(
+        model, F.mse_loss, list(model.parameters()), OptimizerConfig(name="hessian_free")
+    ).opt
+    defaults = HessianFree(model, F.mse_loss).defaults
+    for key in ("preconditioner", "adaptive_cg", "cg_max_iters", "preconditioner_alpha", "kfac_every"):
+        assert plain.defaults[key] == defaults[key], key
+    with pytest.raises(ValueError, match="preconditioner"):
+        OptimizerConfig(name="hessian_free", preconditioner="shampoo")
