@@ -46,6 +46,10 @@ def block_index(blk) -> torch.Tensor:
 LOSSES = {
     "sum_squared": (sum_squared, lambda g, n: torch.randn(n, 3, generator=g, dtype=torch.float64)),
     "cross_entropy": (F.cross_entropy, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
+    "bce": (
+        F.binary_cross_entropy_with_logits,
+        lambda g, n: torch.rand(n, 3, generator=g, dtype=torch.float64),
+    ),  # diagonal, non-isotropic output Hessian
 }
 
 

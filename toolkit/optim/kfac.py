@@ -10,9 +10,10 @@ which K-FAC (Martens & Grosse 2015) approximates by  C_l ≈ A ⊗ G  with
     A = (1/B) Σ_i ā_i ā_iᵀ,     G = Σ_i g_i g_iᵀ,   g_i = J_iᵀ w_i,
 
 where the w_i are drawn with E[w_i w_iᵀ] = H_i ("the model's predictive distribution" of the
-Gauss-Newton matrix): for a loss whose output Hessian is c·I (squared errors) w_i = √c ξ_i with
-ξ_i ~ N(0, I); otherwise the per-example blocks H_i are formed from C output-Hessian products and
-w_i = H_i^{½} ξ_i. ``samples="exact"`` uses the C columns of H_i^{½} instead of a draw, so that for
+Gauss-Newton matrix): for a loss whose output Hessians are diagonal (squared errors: c·I; binary
+cross-entropy) w_i = √diag(H_i) ⊙ ξ_i with ξ_i ~ N(0, I), found with two output-Hessian products;
+otherwise (softmax cross-entropy) the per-example blocks H_i are formed from C output-Hessian
+products (C ≤ 256) and w_i = H_i^{½} ξ_i. ``samples="exact"`` uses the C columns of H_i^{½} instead of a draw, so that for
 one example the block is the exact Gauss-Newton block. Leading axes beyond the batch (sequences)
 count as extra examples ("K-FAC expand").
 
@@ -118,20 +119,21 @@ def _output_sqrt_hessians(
         return torch.randn(shape, generator=generator, dtype=z.dtype, device="cpu").to(z.device)
 
     probe = draw(tuple(flat.shape))
+    diag = hvp(torch.ones_like(flat))  # (B, C): the diagonal of each H_i if H_i is diagonal
     h_probe = hvp(probe)
-    scale = float((h_probe * probe).sum() / (probe * probe).sum())
-    isotropic = scale >= 0 and torch.allclose(
-        h_probe, scale * probe, rtol=1e-4, atol=1e-12 + 1e-6 * abs(scale)
+    scale = float(diag.abs().max()) if diag.numel() else 0.0
+    diagonal = bool((diag >= -1e-12 * scale).all()) and torch.allclose(
+        h_probe, diag * probe, rtol=1e-4, atol=1e-12 + 1e-6 * scale
     )
-    if isotropic:  # H_L = c I: squared errors
-        root = math.sqrt(scale)
+    if diagonal:  # squared errors (H_i = c I), binary cross-entropy (diagonal H_i)
+        root = diag.clamp_min(0).sqrt()  # (B, C)
         if samples == "exact":
             eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
-            return [(root * eye[k]).expand(b, c_out).reshape(z.shape) for k in range(c_out)]
-        return [root * draw(tuple(flat.shape)).view_as(z) for _ in range(int(samples))]
+            return [(root * eye[k]).reshape(z.shape) for k in range(c_out)]
+        return [(root * draw(tuple(flat.shape))).reshape(z.shape) for _ in range(int(samples))]
     if c_out > _MAX_EXACT_OUTPUTS:
         raise ValueError(
-            f"K-FAC: expected an output Hessian c·I or at most {_MAX_EXACT_OUTPUTS} outputs per example, "
+            f"K-FAC: expected a diagonal output Hessian or at most {_MAX_EXACT_OUTPUTS} outputs per example, "
             f"got {c_out} outputs with a non-isotropic loss Hessian"
         )
     eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
