@@ -66,8 +66,8 @@ SWEEP: dict[str, dict[str, Any]] = {
     "preconditioner=none": {"preconditioner": "none"},
     "preconditioner=diagonal": {"preconditioner": "diagonal"},
     "fixed CG cap 50": {"adaptive_cg": False, "cg_max_iters": 50},
-    "curvature fraction 0.3": {"curvature_fraction": 0.3},
-    "adaptive curvature batch": {"adaptive_curvature": True},
+    "base curvature fraction 0.3": {"curvature_fraction": 0.3},
+    "fixed curvature fraction 0.1": {"adaptive_curvature": False, "curvature_fraction": 0.1},
 }
 QUICK_SWEEP = ("defaults", "preconditioner=none")
 
@@ -625,7 +625,7 @@ def main() -> int:
 def write_report(args, budget, started, load_start, load_end, wall, defaults, sweep, probs, results, cg_rows,
                  costs, gpu_lines, gpu, reps, threads_check) -> None:  # fmt: skip
     """Markdown + JSON; every figure comes from the measurements above."""
-    cmd = "python benchmarks/bench_optim.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python benchmarks/bench_optim.py", *sys.argv[1:]])
     lines = [
         "# Hessian-free optimizer benchmark",
         "",

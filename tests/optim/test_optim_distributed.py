@@ -23,6 +23,7 @@ SETTINGS = {
     "cg_max_iters": 30,
     "preconditioner": "diagonal",
     "adaptive_cg": False,
+    "adaptive_curvature": False,
 }
 
 

@@ -127,9 +127,9 @@ def test_group_lasso_prunes_to_target_rank() -> None:
     assert len(pruned["0"]) == 5
     # the optimizer was re-bound to the new, smaller parameters and keeps working
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
-    before = F.mse_loss(model(x), y).item()
-    opt.step((x,), y)
-    assert F.mse_loss(model(x), y).item() <= before + 1e-12
+    # it decreases its objective (data loss + group lasso; the data term alone may rise a little)
+    info = opt.step((x,), y)
+    assert info.accepted and info.new_loss <= info.loss
     rel = (layer.dense_weight() - w_true).norm() / w_true.norm()
     assert rel < 0.05
 

@@ -168,7 +168,7 @@ class HessianFree(torch.optim.Optimizer):
         kfac_damping: str = "eigen",
         adaptive_cg: bool = True,
         cg_initial_iters: int = 10,
-        adaptive_curvature: bool = False,
+        adaptive_curvature: bool = True,
         curvature_max_fraction: float = 1.0,
         l2: float = 0.0,
         l1: float = 0.0,
