@@ -26,7 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_DIR = ROOT / "runs" / "bench-quick"
 BENCHES = {
-    "optim": ("bench_optim.py", "Hessian-free vs Adam vs L-BFGS; curvature-product cost"),
+    "optim": (
+        "bench_optim.py",
+        "Hessian-free vs Adam, L-BFGS and SOAP on four problems; settings sweep; K-FAC CG; curvature-product cost",
+    ),
     "runtime": ("bench_runtime.py", "Per-stage onnxruntime vs fused vs torch; streaming; int8"),
     "factorize": ("bench_factorize.py", "Factorizing dense models: digits MLP, MiniLM, ASVD vs SVD"),
     "layerwise": (

@@ -1,7 +1,8 @@
 """Preconditioned conjugate gradient with Martens' (2010) stopping rule and iterate grid.
 
 Minimizes the quadratic q(x) = ½ xᵀA x - bᵀx (A symmetric, positive definite where it matters),
-i.e. solves A x = b, with the diagonal preconditioner M (CG runs on M⁻¹ r):
+i.e. solves A x = b, with a preconditioner M (CG runs on M⁻¹ r): a diagonal (a vector) or any
+symmetric positive definite map r ↦ M⁻¹ r (e.g. Kronecker-factored blocks, ``toolkit.optim.kfac``):
 
 - q is tracked for free: q(x) = -½ xᵀ(b + r) with the residual r = b - A x;
 - stop after iteration i ≥ min_iters when q(x_i) < 0 and
@@ -54,7 +55,7 @@ def conjugate_gradient(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     b: torch.Tensor,
     x0: torch.Tensor | None = None,
-    preconditioner: torch.Tensor | None = None,
+    preconditioner: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_iters: int = 100,
     min_iters: int = 1,
     tol: float = 5e-4,
@@ -67,7 +68,8 @@ def conjugate_gradient(
         matvec: v ↦ A v, (P,) -> (P,).
         b: right-hand side (P,).
         x0: warm start (P,) or None for zero.
-        preconditioner: the diagonal of M (P,), positive, or None for M = I.
+        preconditioner: the diagonal of M (P,), positive; or a callable r ↦ M⁻¹ r (SPD); or None
+            for M = I.
         max_iters: iteration cap (≥ 1).
         min_iters: no progress-based stop before this iteration.
         tol: ε of the relative-progress rule; 0 disables it.
@@ -87,11 +89,15 @@ def conjugate_gradient(
             f"expected max_iters >= 1, min_iters >= 0, tol >= 0, grid > 1, got {max_iters}, {min_iters}, {tol}, {grid}"
         )
     for name, t in (("x0", x0), ("preconditioner", preconditioner)):
-        if t is not None and t.shape != b.shape:
+        if isinstance(t, torch.Tensor) and t.shape != b.shape:
             raise ValueError(f"{name}: expected shape {tuple(b.shape)}, got {tuple(t.shape)}")
 
     def solve_m(r: torch.Tensor) -> torch.Tensor:
-        return r if preconditioner is None else r / preconditioner
+        if preconditioner is None:
+            return r
+        if callable(preconditioner):
+            return preconditioner(r)
+        return r / preconditioner
 
     if x0 is not None and bool(torch.any(x0 != 0)):
         x = x0.clone()

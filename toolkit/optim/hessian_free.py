@@ -6,8 +6,13 @@ One outer step at θ, on a gradient batch (inputs, targets) and a curvature batc
    with L1, g becomes the orthant-wise pseudo-gradient.
 2. The damped curvature A = C + diag(λ + a) + H_group (C: Gauss-Newton, Hessian or Fisher on the
    curvature batch, linearized once; a: L2 coefficients; H_group: group-lasso curvature).
-3. Preconditioned CG on A p = -g from 0.95·(previous CG solution), M = (d + λ + d_R)^α with d the
-   mean squared per-example gradient; iterates kept on a 1.3-geometric grid.
+3. Preconditioned CG on A p = -g from 0.95·(previous CG solution), iterates kept on a 1.3-geometric
+   grid. Preconditioner (``preconditioner``): "diagonal" (Martens: M = (d + λ + d_R)^α with d the
+   mean squared per-example gradient), "kfac" (π-damped Kronecker-factored blocks of the linear
+   sublayers, re-estimated every ``kfac_every`` steps on the curvature batch; ``toolkit.optim.kfac``)
+   or "none". Adaptive budgets (``toolkit.optim.budgets``): the CG cap can start small and grow when
+   CG runs into it (``adaptive_cg``), and the curvature batch can grow as the gradient's sampling
+   noise falls below its size (``adaptive_curvature``).
 4. Backtracking (Martens 2010): starting from the last iterate, step back along the grid while
    F (on the gradient batch) keeps decreasing; the chosen p gives
    ρ = (F(θ + p) - F(θ)) / (q(p) - q(0)) with q the undamped model, and λ follows Levenberg-Marquardt.
@@ -21,8 +26,8 @@ One outer step at θ, on a gradient batch (inputs, targets) and a curvature batc
    object keeps working. ``StepInfo.pruned`` lists the removed components per module name; callers
    holding references to the old parameters must refresh them (``model.parameters()``).
 
-Resuming: ``state_dict()`` holds λ, the step counter, the curvature-batch offset, the RNG state and
-per-parameter warm-start vectors; after ``load_state_dict`` a run continues exactly as it would have.
+Resuming: ``state_dict()`` holds λ, the step counter, the curvature-batch offset, the RNG state,
+the adaptive budgets, the K-FAC factors and per-parameter warm-start vectors; after ``load_state_dict`` a run continues exactly as it would have.
 A model pruned before saving must be rebuilt with the pruned shapes before loading.
 """
 
@@ -40,16 +45,19 @@ from torch.utils._pytree import tree_map
 
 from toolkit.errors import InputError
 from toolkit.layers import factorized_modules
+from toolkit.optim.budgets import CGBudget, CurvatureBudget, gradient_noise
 from toolkit.optim.cg import conjugate_gradient
 from toolkit.optim.curvature import CURVATURES, JVP_MODES, curvature_operator
 from toolkit.optim.damping import LevenbergMarquardt, armijo, reduction_ratio
 from toolkit.optim.distributed import mean_across
 from toolkit.optim.flat import FlatParams
+from toolkit.optim.kfac import KFAC, KFAC_DAMPINGS
 from toolkit.optim.preconditioner import preconditioner, squared_gradient_diagonal
 from toolkit.optim.regularizers import Regularizer
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _GLOBAL = "hessian_free"
+PRECONDITIONERS: tuple[str, ...] = ("none", "diagonal", "kfac")
 
 
 @dataclass
@@ -113,7 +121,17 @@ class HessianFree(torch.optim.Optimizer):
         damping: initial λ > 0.
         cg_max_iters, cg_min_iters: CG iteration cap and the minimum before the progress rule.
         cg_tol: ε of Martens' relative-progress rule.
-        preconditioner_alpha: α in [0, 1] (0 disables the preconditioner).
+        preconditioner: "diagonal" (Martens), "kfac" (Kronecker-factored blocks) or "none".
+        preconditioner_alpha: α in [0, 1] of the diagonal preconditioner (0 disables it).
+        kfac_every: outer steps between K-FAC factor estimates.
+        kfac_damping: "eigen" (exact inverse of the damped Kronecker block) or "pi" (π-damping).
+        adaptive_cg: start the CG cap at ``cg_initial_iters`` (at most ``cg_max_iters``) and grow it
+            after steps that run into it; else the cap is ``cg_max_iters``.
+        cg_initial_iters: the first CG cap with ``adaptive_cg``.
+        adaptive_curvature: grow the curvature batch from ``curvature_fraction`` up to
+            ``curvature_max_fraction`` as the gradient's noise-to-signal ratio falls below 1
+            (the gradient is then computed as two halves, to measure that ratio).
+        curvature_max_fraction: the upper bound of the adaptive curvature fraction.
         l2, l1: penalty coefficients; 1-D parameters (biases, norm scales) are excluded unless
             ``l2_on_bias`` (the rule applies to both penalties).
         group_lasso: μ over the rank components of the factorized layers in ``params``.
@@ -144,17 +162,24 @@ class HessianFree(torch.optim.Optimizer):
         *,
         curvature: str = "ggn",
         damping: float = 1.0,
-        cg_max_iters: int = 100,
+        cg_max_iters: int = 250,
         cg_min_iters: int = 10,
         cg_tol: float = 5e-4,
+        preconditioner: str = "kfac",
         preconditioner_alpha: float = 0.75,
+        kfac_every: int = 5,
+        kfac_damping: str = "eigen",
+        adaptive_cg: bool = True,
+        cg_initial_iters: int = 10,
+        adaptive_curvature: bool = True,
+        curvature_max_fraction: float = 1.0,
         l2: float = 0.0,
         l1: float = 0.0,
         group_lasso: float = 0.0,
         prune_threshold: float = 1e-3,
         l2_on_bias: bool = False,
         line_search: bool = True,
-        curvature_fraction: float = 0.25,
+        curvature_fraction: float = 0.1,
         curvature_sampling: str = "cycle",
         warm_start: float = 0.95,
         jvp_mode: str = "double_vjp",
@@ -174,6 +199,12 @@ class HessianFree(torch.optim.Optimizer):
             raise InputError(f"curvature: expected one of {list(CURVATURES)}, got {curvature!r}")
         if curvature_sampling not in ("cycle", "random"):
             raise InputError(f"curvature_sampling: expected 'cycle' or 'random', got {curvature_sampling!r}")
+        if preconditioner not in PRECONDITIONERS:
+            raise InputError(
+                f"preconditioner: expected one of {list(PRECONDITIONERS)}, got {preconditioner!r}"
+            )
+        if kfac_damping not in KFAC_DAMPINGS:
+            raise InputError(f"kfac_damping: expected one of {list(KFAC_DAMPINGS)}, got {kfac_damping!r}")
         if jvp_mode not in JVP_MODES:
             raise InputError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
         for name, value, low, high, open_ in (
@@ -188,6 +219,9 @@ class HessianFree(torch.optim.Optimizer):
             ("l2_sp", l2_sp, 0.0, math.inf, False),
             ("prune_threshold", prune_threshold, 0.0, math.inf, False),
             ("curvature_fraction", curvature_fraction, 0.0, 1.0, True),
+            ("kfac_every", kfac_every, 1, math.inf, False),
+            ("cg_initial_iters", cg_initial_iters, 1, math.inf, False),
+            ("curvature_max_fraction", curvature_max_fraction, curvature_fraction, 1.0, False),
             ("warm_start", warm_start, 0.0, 1.0, False),
             (
                 "preconditioner_examples",
@@ -211,6 +245,10 @@ class HessianFree(torch.optim.Optimizer):
             "curvature_fraction": float(curvature_fraction), "curvature_sampling": curvature_sampling,
             "warm_start": float(warm_start), "jvp_mode": jvp_mode, "seed": int(seed),
             "preconditioner_examples": preconditioner_examples, "l2_sp": float(l2_sp),
+            "preconditioner": preconditioner,
+            "kfac_every": int(kfac_every), "kfac_damping": kfac_damping, "adaptive_cg": bool(adaptive_cg),
+            "cg_initial_iters": int(cg_initial_iters), "adaptive_curvature": bool(adaptive_curvature),
+            "curvature_max_fraction": float(curvature_max_fraction),
         }  # fmt: skip
         super().__init__(list(model.parameters()) if params is None else params, defaults)
         FlatParams(model, self._params())  # every parameter must belong to the model
@@ -221,6 +259,12 @@ class HessianFree(torch.optim.Optimizer):
             if group["l2_sp"] > 0:
                 for p in group["params"]:
                     self.state[p]["l2_sp_anchor"] = p.detach().clone()
+        self._cg_budget = CGBudget(
+            min(int(cg_initial_iters), int(cg_max_iters)) if adaptive_cg else int(cg_max_iters),
+            int(cg_max_iters),
+        )
+        self._curv_budget = CurvatureBudget(float(curvature_fraction), float(curvature_max_fraction))
+        self._global().update(cg_cap=self._cg_budget.cap, noise=math.nan)
 
     # ----------------------------------------------------------------- state
     def _global(self) -> dict[str, Any]:
@@ -246,6 +290,10 @@ class HessianFree(torch.optim.Optimizer):
         g = self._global()
         if "rng" in g:
             self._generator.set_state(g["rng"].cpu() if isinstance(g["rng"], torch.Tensor) else g["rng"])
+        if "cg_cap" in g:
+            self._cg_budget.load_state_dict({"cap": g["cg_cap"]})
+        if "noise" in g:
+            self._curv_budget.load_state_dict({"noise": g["noise"]})
 
     # --------------------------------------------------------------- helpers
     def _regularizer(self, flat: FlatParams, like: torch.Tensor) -> Regularizer:
@@ -292,7 +340,7 @@ class HessianFree(torch.optim.Optimizer):
 
     def _curvature_batch(self, inputs: tuple[Any, ...], targets: Any) -> tuple[tuple[Any, ...], Any]:
         batch = int(inputs[0].shape[0])
-        m = max(1, math.ceil(self.defaults["curvature_fraction"] * batch))
+        m = max(1, math.ceil(self._curv_budget.current() * batch))
         if m >= batch:
             return inputs, targets
         g = self._global()
@@ -350,6 +398,52 @@ class HessianFree(torch.optim.Optimizer):
                 new_params.append(p_new)
             group["params"] = new_params
         return pruned
+
+    def _halves_gradient(
+        self, flat: FlatParams, theta0: torch.Tensor, inputs: tuple[Any, ...], targets: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Batch loss, gradient and noise ratio ν from the gradients of the batch's two halves."""
+        batch = int(inputs[0].shape[0])
+        n1 = batch // 2
+        losses, grads = [], []
+        for rows in (slice(0, n1), slice(n1, batch)):
+            x = tree_map(lambda a, rows=rows: a[rows], inputs)
+            t = tree_map(lambda a, rows=rows: a[rows], targets)
+            with torch.enable_grad():
+                th = theta0.clone().requires_grad_(True)
+                loss = self.loss_fn(flat.function(x)(th), t)
+                (gr,) = torch.autograd.grad(loss, th, allow_unused=True)
+            losses.append(loss.detach())
+            grads.append(torch.zeros_like(theta0) if gr is None else gr)
+        n2 = batch - n1
+        data_t = (n1 * losses[0] + n2 * losses[1]) / batch
+        g1, g2 = mean_across(grads[0]), mean_across(grads[1])
+        return data_t, (n1 * grads[0] + n2 * grads[1]) / batch, gradient_noise(g1, g2, n1, n2)
+
+    def _kfac(self, flat: FlatParams, inputs: tuple[Any, ...], loss_of_outputs: LossFn) -> KFAC:
+        """The K-FAC blocks at θ, re-estimated every ``kfac_every`` steps (or when shapes changed)."""
+        g = self._global()
+        kfac = KFAC(self.model, flat.params, flat.offsets)
+        kfac.generator = self._generator
+        saved = g.get("kfac")
+        fresh = (
+            saved is not None
+            and len(saved) == len(kfac.blocks)
+            and all(
+                tuple(s[1].shape) == (b.in_features + (b.bias is not None),) * 2
+                and tuple(s[3].shape) == (b.out_features,) * 2
+                for s, b in zip(saved, kfac.blocks)
+            )
+        )
+        if fresh and g["step"] - int(g.get("kfac_step", -(10**9))) < self.defaults["kfac_every"]:
+            for blk, (ea, va, eg, vg) in zip(kfac.blocks, saved):
+                blk.eig_a, blk.vec_a, blk.eig_g, blk.vec_g = ea, va, eg, vg
+            return kfac
+        with torch.enable_grad():
+            kfac.update(inputs, loss_of_outputs)
+        g["kfac"] = [[b.eig_a, b.vec_a, b.eig_g, b.vec_g] for b in kfac.blocks]
+        g["kfac_step"] = int(g["step"])
+        return kfac
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -410,11 +504,16 @@ class HessianFree(torch.optim.Optimizer):
             return StepInfo(loss, loss, data, rho, lam, new_lam, cg_iters, chosen, 0.0, False,
                             cg_reason=reason, seconds=time.perf_counter() - t_start)  # fmt: skip
 
-        # 1. loss and gradient on the gradient batch
-        with torch.enable_grad():
-            th = theta0.clone().requires_grad_(True)
-            data_t = loss_fn(fn(th), targets)
-            (grad_data,) = torch.autograd.grad(data_t, th, allow_unused=True)
+        # 1. loss and gradient on the gradient batch (as two halves when measuring the noise)
+        batch = int(inputs[0].shape[0])
+        noise = math.nan
+        if hp["adaptive_curvature"] and curvature_inputs is None and batch >= 2:
+            data_t, grad_data, noise = self._halves_gradient(flat, theta0, inputs, targets)
+        else:
+            with torch.enable_grad():
+                th = theta0.clone().requires_grad_(True)
+                data_t = loss_fn(fn(th), targets)
+                (grad_data,) = torch.autograd.grad(data_t, th, allow_unused=True)
         if grad_data is None:
             grad_data = torch.zeros_like(theta0)
         data_loss = float(mean_across(data_t.detach()))
@@ -426,6 +525,9 @@ class HessianFree(torch.optim.Optimizer):
         pg = reg.pseudo_gradient(theta0, g)
 
         # 2. curvature on its own batch
+        if math.isfinite(noise):
+            self._curv_budget.observe(noise)
+            g_state["noise"] = self._curv_budget.noise
         if curvature_inputs is None:
             c_inputs, c_targets = self._curvature_batch(inputs, targets)
         else:
@@ -443,8 +545,12 @@ class HessianFree(torch.optim.Optimizer):
             return cv + lam * v + reg.apply_curvature(pieces, v)
 
         # 3. preconditioned CG from the warm start
-        precond = None
-        if hp["preconditioner_alpha"] > 0:
+        precond: Any = None
+        if hp["preconditioner"] == "kfac":
+            precond = self._kfac(flat, c_inputs, lambda z: loss_fn(z, c_targets)).inverse(
+                lam, reg.l2, hp["kfac_damping"]
+            )
+        elif hp["preconditioner"] == "diagonal" and hp["preconditioner_alpha"] > 0:
             k = hp["preconditioner_examples"]
             p_inputs, p_targets = c_inputs, c_targets
             if k is not None and k < int(c_inputs[0].shape[0]):
@@ -463,7 +569,7 @@ class HessianFree(torch.optim.Optimizer):
                     [v if v is not None else torch.zeros_like(p) for v, p in zip(prev, flat.params)]
                 )
         res = conjugate_gradient(
-            damped, -pg, x0=x0, preconditioner=precond, max_iters=hp["cg_max_iters"],
+            damped, -pg, x0=x0, preconditioner=precond, max_iters=self._cg_budget.cap,
             min_iters=hp["cg_min_iters"], tol=hp["cg_tol"],
         )  # fmt: skip
         for p, v in zip(flat.params, res.x.split(flat.sizes)):
@@ -490,6 +596,8 @@ class HessianFree(torch.optim.Optimizer):
         predicted = q_damped - 0.5 * lam * float(x_raw.dot(x_raw))  # undamped model q(p) - q(0)
         rho = reduction_ratio(f_best, f0, predicted)
         new_lam = self._lm.update(lam, rho)
+        if hp["adaptive_cg"]:
+            g_state["cg_cap"] = self._cg_budget.update(res.iters, res.reason, rho)
 
         # 5. line search
         slope = float(pg.dot(p))

@@ -71,11 +71,26 @@ class OptimizerConfig(StrictModel):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="sgd only")
     curvature: Literal["ggn", "hessian", "fisher"] = "ggn"
     damping: float = Field(default=1.0, gt=0.0, description="initial Levenberg-Marquardt lambda")
-    cg_max_iters: int = Field(default=100, ge=1)
+    cg_max_iters: int | None = Field(
+        default=None,
+        ge=1,
+        description="CG iteration cap (the largest with adaptive_cg; default: the optimizer's)",
+    )
     curvature_fraction: float = Field(
         default=0.25, gt=0.0, le=1.0, description="curvature batch / gradient batch"
     )
-    preconditioner_alpha: float = Field(default=0.75, ge=0.0, le=1.0)
+    preconditioner: Literal["none", "diagonal", "kfac"] | None = Field(
+        default=None,
+        description="CG preconditioner: kfac (Kronecker-factored blocks of the linear sublayers), "
+        "diagonal (Martens), none (default: the optimizer's)",
+    )
+    preconditioner_alpha: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="exponent of the diagonal preconditioner"
+    )
+    kfac_every: int | None = Field(default=None, ge=1, description="outer steps between K-FAC estimates")
+    adaptive_cg: bool | None = Field(
+        default=None, description="CG cap that starts small and grows when CG runs into it"
+    )
     jvp_mode: Literal["double_vjp", "jvp", "linearize"] = Field(
         default="double_vjp",
         description=(

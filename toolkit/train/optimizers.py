@@ -134,13 +134,19 @@ class FirstOrder(Stepper):
 
 
 def hf_hyper(cfg: Any, accepted: set[str]) -> dict[str, Any]:
-    """Map the spec's OptimizerConfig to the keyword arguments HessianFree accepts (by name)."""
+    """Map the spec's OptimizerConfig to the keyword arguments HessianFree accepts (by name).
+
+    Settings the spec leaves unset (None) are not passed, so HessianFree's defaults apply.
+    """
     reg = cfg.regularizer
     candidates: dict[str, Any] = {
         "damping": cfg.damping,
         "cg_max_iters": cfg.cg_max_iters,
         "curvature": cfg.curvature,
         "preconditioner_alpha": cfg.preconditioner_alpha,
+        "preconditioner": cfg.preconditioner,
+        "kfac_every": cfg.kfac_every,
+        "adaptive_cg": cfg.adaptive_cg,
         "jvp_mode": cfg.jvp_mode,
         "l2": reg.l2,
         "l1": reg.l1,
@@ -150,7 +156,8 @@ def hf_hyper(cfg: Any, accepted: set[str]) -> dict[str, Any]:
     }
     if cfg.lr is not None:
         candidates["lr"] = cfg.lr
-    return {k: v for k, v in candidates.items() if k in accepted}
+    # None: the spec leaves the setting to HessianFree's own default
+    return {k: v for k, v in candidates.items() if k in accepted and v is not None}
 
 
 class HessianFreeStepper(Stepper):

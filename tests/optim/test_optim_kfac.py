@@ -1,0 +1,216 @@
+"""K-FAC blocks against dense float64 Gauss-Newton blocks; K-FAC-preconditioned CG; HF with kfac."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import hessian, jacrev
+
+from toolkit.layers import FactorizedLinear
+from toolkit.optim import HessianFree
+from toolkit.optim.cg import conjugate_gradient
+from toolkit.optim.curvature import curvature_operator
+from toolkit.optim.flat import FlatParams
+from toolkit.optim.kfac import KFAC
+
+
+def sum_squared(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (z - t).pow(2).sum(1).mean()
+
+
+def dense_ggn(model: nn.Module, x: torch.Tensor, loss) -> tuple[torch.Tensor, FlatParams]:
+    """Jᵀ H_L J from torch.func.jacrev and torch.func.hessian (float64)."""
+    flat = FlatParams(model, list(model.parameters()))
+    theta = flat.flatten()
+    f = flat.function((x,))
+    z = f(theta)
+    jac = jacrev(f)(theta).reshape(z.numel(), -1)  # (B·C, P)
+    h = hessian(loss)(z).reshape(z.numel(), z.numel())  # (B·C, B·C)
+    return jac.T @ h @ jac, flat
+
+
+def block_index(blk) -> torch.Tensor:
+    """θ indices of the (out, in [+1]) matrix [W b], row-major: the order of kron(G, A)."""
+    idx = []
+    for o in range(blk.out_features):
+        idx += [blk.weight.start + o * blk.in_features + i for i in range(blk.in_features)]
+        if blk.bias is not None:
+            idx.append(blk.bias.start + o)
+    return torch.tensor(idx)
+
+
+LOSSES = {
+    "sum_squared": (sum_squared, lambda g, n: torch.randn(n, 3, generator=g, dtype=torch.float64)),
+    "cross_entropy": (F.cross_entropy, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
+    "bce": (
+        F.binary_cross_entropy_with_logits,
+        lambda g, n: torch.rand(n, 3, generator=g, dtype=torch.float64),
+    ),  # diagonal, non-isotropic output Hessian
+}
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_single_linear_one_example_is_exact(loss_name: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    loss_fn, make_t = LOSSES[loss_name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    t = make_t(g, 1)
+    ref, flat = dense_ggn(model, x, lambda z: loss_fn(z, t))
+    kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
+    ((a, gg),) = kfac.factors((x,), lambda z: loss_fn(z, t))
+    idx = block_index(kfac.blocks[0])
+    torch.testing.assert_close(torch.kron(gg, a), ref[idx][:, idx], rtol=1e-10, atol=1e-12)
+
+
+def test_every_block_of_a_factorized_net_is_exact_for_one_example() -> None:
+    """U and V of a factorized layer are two blocks; with one example each block is the GN block."""
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(0)
+    model = nn.Sequential(FactorizedLinear(5, 6, rank=2), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([2])
+    ref, flat = dense_ggn(model, x, lambda z: F.cross_entropy(z, y))
+    kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
+    assert [(b.out_features, b.in_features, b.bias is not None) for b in kfac.blocks] == [
+        (2, 5, False), (6, 2, True), (3, 6, True)
+    ]  # fmt: skip
+    for blk, (a, gg) in zip(kfac.blocks, kfac.factors((x,), lambda z: F.cross_entropy(z, y))):
+        idx = block_index(blk)
+        torch.testing.assert_close(torch.kron(gg, a), ref[idx][:, idx], rtol=1e-10, atol=1e-12)
+
+
+def test_monte_carlo_factor_is_unbiased() -> None:
+    """E[G] over draws of w ~ N(0, H_i) equals the exact G (cross-entropy: non-isotropic H_i)."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    flat = FlatParams(model, list(model.parameters()))
+    loss = lambda z: F.cross_entropy(z, y)  # noqa: E731
+    exact = KFAC(model, flat.params, flat.offsets, samples="exact").factors((x,), loss)
+    mc = KFAC(model, flat.params, flat.offsets, samples=20000, seed=0).factors((x,), loss)
+    for (a_e, g_e), (a_m, g_m) in zip(exact, mc):
+        torch.testing.assert_close(a_m, a_e, rtol=1e-12, atol=1e-12)  # A does not depend on w
+        assert float((g_m - g_e).norm() / g_e.norm()) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_inverse_matches_dense_solve(mode: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(10, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    flat = FlatParams(model, list(model.parameters()))
+    kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
+    kfac.update((x,), lambda z: sum_squared(z, t))
+    ((a, gg),) = kfac.factors((x,), lambda z: sum_squared(z, t))
+    lam = 0.3
+    if mode == "eigen":
+        m = torch.kron(gg, a) + lam * torch.eye(a.shape[0] * gg.shape[0], dtype=torch.float64)
+    else:
+        pi = math.sqrt((a.trace() / a.shape[0]) / (gg.trace() / gg.shape[0]))
+        ia = torch.eye(a.shape[0], dtype=torch.float64)
+        ig = torch.eye(gg.shape[0], dtype=torch.float64)
+        m = torch.kron(gg + math.sqrt(lam) / pi * ig, a + pi * math.sqrt(lam) * ia)
+    r = torch.randn(flat.numel, generator=g, dtype=torch.float64)
+    idx = block_index(kfac.blocks[0])
+    want = torch.empty_like(r)
+    want[idx] = torch.linalg.solve(m, r[idx])
+    torch.testing.assert_close(kfac.inverse(lam, mode=mode)(r), want, rtol=1e-9, atol=1e-12)
+
+
+def test_kfac_cg_needs_fewer_iterations_on_badly_scaled_inputs() -> None:
+    """Inputs spanning 4 orders of magnitude: K-FAC whitens them, the plain CG crawls."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 15), nn.Tanh(), nn.Linear(15, 4)).double()
+    x = torch.randn(2000, 20, generator=g, dtype=torch.float64) * torch.logspace(
+        -2, 2, 20, dtype=torch.float64
+    )
+    t = torch.randn(2000, 4, generator=g, dtype=torch.float64)
+    flat = FlatParams(model, list(model.parameters()))
+    theta = flat.flatten()
+    loss = lambda z: sum_squared(z, t)  # noqa: E731
+    op = curvature_operator(flat.function((x,)), loss, theta, "ggn")
+    kfac = KFAC(model, flat.params, flat.offsets, samples=1, seed=0)
+    kfac.update((x,), loss)
+    lam = 1e-3
+    b = torch.randn(flat.numel, generator=g, dtype=torch.float64)
+
+    def damped(v: torch.Tensor) -> torch.Tensor:
+        return op(v) + lam * v
+
+    plain = conjugate_gradient(damped, b, max_iters=3000, tol=0, residual_tol=1e-6)
+    pre = conjugate_gradient(
+        damped, b, preconditioner=kfac.inverse(lam), max_iters=3000, tol=0, residual_tol=1e-6
+    )
+    assert plain.reason == pre.reason == "converged"
+    assert pre.iters * 3 <= plain.iters, (pre.iters, plain.iters)
+    torch.testing.assert_close(pre.x, plain.x, rtol=1e-3, atol=1e-3 * float(plain.x.abs().max()))
+
+
+def test_hessian_free_with_kfac_trains_and_resumes_exactly(small_net) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2]], dim=1)  # (64, 2), learnable
+    settings = dict(preconditioner="kfac", kfac_every=2, adaptive_cg=True, cg_initial_iters=2,
+                    adaptive_curvature=True, curvature_fraction=0.25)  # fmt: skip
+
+    def run(model: nn.Module, opt: HessianFree, steps: int) -> list[float]:
+        return [opt.step((x,), y).new_loss for _ in range(steps)]
+
+    model = small_net(0)
+    opt = HessianFree(model, F.mse_loss, **settings)
+    start = float(F.mse_loss(model(x), y).detach())
+    straight = run(model, opt, 7)
+    assert straight[-1] < 0.5 * start
+
+    resumed_model = small_net(0)
+    first = HessianFree(resumed_model, F.mse_loss, **settings)
+    run(resumed_model, first, 3)
+    state = first.state_dict()
+    copy = small_net(1)
+    copy.load_state_dict(resumed_model.state_dict())
+    second = HessianFree(copy, F.mse_loss, **settings)
+    second.load_state_dict(state)
+    rest = run(copy, second, 4)
+    assert rest == straight[3:]
+    for p, q in zip(copy.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_bad_preconditioner_settings_rejected(small_net) -> None:
+    with pytest.raises(ValueError, match="preconditioner: expected one of"):
+        HessianFree(small_net(), F.mse_loss, preconditioner="shampoo")
+    with pytest.raises(ValueError, match="kfac_damping"):
+        HessianFree(small_net(), F.mse_loss, kfac_damping="tikhonov")
+    with pytest.raises(ValueError, match="samples"):
+        KFAC(small_net(), [], [0], samples=0)
+
+
+def test_spec_preconditioner_reaches_the_optimizer(small_net) -> None:
+    """train.optimizer.preconditioner / adaptive_cg go to HessianFree; unset ones keep its defaults."""
+    from toolkit.spec.train_config import OptimizerConfig
+    from toolkit.train.optimizers import make_stepper
+
+    model = small_net()
+    cfg = OptimizerConfig(name="hessian_free", preconditioner="diagonal", adaptive_cg=False, cg_max_iters=7)
+    opt = make_stepper(model, F.mse_loss, list(model.parameters()), cfg).opt
+    assert (opt.defaults["preconditioner"], opt.defaults["adaptive_cg"]) == ("diagonal", False)
+    assert opt.state_dict()["state"]["hessian_free"]["cg_cap"] == 7
+    plain = make_stepper(
+        model, F.mse_loss, list(model.parameters()), OptimizerConfig(name="hessian_free")
+    ).opt
+    defaults = HessianFree(model, F.mse_loss).defaults
+    for key in ("preconditioner", "adaptive_cg", "cg_max_iters", "preconditioner_alpha", "kfac_every"):
+        assert plain.defaults[key] == defaults[key], key
+    with pytest.raises(ValueError, match="preconditioner"):
+        OptimizerConfig(name="hessian_free", preconditioner="shampoo")

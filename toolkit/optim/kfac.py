@@ -1,0 +1,303 @@
+"""Kronecker-factored (K-FAC) preconditioner for CG on the Gauss-Newton system.
+
+For a linear sublayer s = W a + b (``nn.Linear``, including the U and V sublayers of a factorized
+layer, which are two ``nn.Linear``), the Gauss-Newton block of (W, b) on a batch is
+
+    C_l = Σ_i (ā_i ā_iᵀ) ⊗ (J_iᵀ H_i J_i),     ā_i = [a_i; 1],  J_i = ∂z_i/∂s_i,  H_i = ∂²L/∂z_i²,
+
+which K-FAC (Martens & Grosse 2015) approximates by  C_l ≈ A ⊗ G  with
+
+    A = (1/B) Σ_i ā_i ā_iᵀ,     G = Σ_i g_i g_iᵀ,   g_i = J_iᵀ w_i,
+
+where the w_i are drawn with E[w_i w_iᵀ] = H_i ("the model's predictive distribution" of the
+Gauss-Newton matrix): for a loss whose output Hessians are diagonal (squared errors: c·I; binary
+cross-entropy) w_i = √diag(H_i) ⊙ ξ_i with ξ_i ~ N(0, I), found with two output-Hessian products;
+otherwise (softmax cross-entropy) the per-example blocks H_i are formed from C output-Hessian
+products (C ≤ 256) and w_i = H_i^{½} ξ_i. ``samples="exact"`` uses the C columns of H_i^{½} instead of a draw, so that for
+one example the block is the exact Gauss-Newton block. Leading axes beyond the batch (sequences)
+count as extra examples ("K-FAC expand").
+
+The factors are re-estimated every few outer steps (the caller decides); each refresh stores their
+eigendecompositions A = Q_A diag(a) Q_Aᵀ, G = Q_G diag(g) Q_Gᵀ, so that the damping λ (which
+changes every step) costs nothing to change. With γ = λ + a (a: the mean L2 coefficient of the
+block) and R = [r_W, r_b] reshaped (out, in + 1), two dampings:
+
+- "eigen" (default; the damping of EKFAC, George et al. 2018, with K-FAC's eigenvalues): the exact
+  inverse of the damped Kronecker product, (G ⊗ A + γ I)⁻¹:
+      M_l⁻¹ r = Q_G [ (Q_Gᵀ R Q_A) ⊘ (g aᵀ + γ) ] Q_Aᵀ;
+- "pi" (π-damping, Martens & Grosse 2015 §6.3), π = √((tr A / dim A) / (tr G / dim G)):
+      M_l⁻¹ r = (G + γ^½/π I)⁻¹ R (A + π γ^½ I)⁻¹,
+  whose cross terms γ^½(π G ⊗ I + I ⊗ A/π) dwarf γ when γ is small, so it preconditions worse
+  late in a run (measured in docs/benchmarks/optim.md).
+
+Parameters outside every linear block are left unpreconditioned (M = 1 there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from toolkit.optim.distributed import mean_across
+
+Samples = int | str  # a count of Monte-Carlo draws, or "exact"
+KFAC_DAMPINGS: tuple[str, ...] = ("eigen", "pi")
+_MAX_EXACT_OUTPUTS = 256  # per-example output Hessians are formed only up to this many outputs
+
+
+@dataclass
+class _Block:
+    """One linear sublayer: its parameter slices in θ and the eigendecompositions of A and G."""
+
+    module: nn.Linear
+    weight: slice
+    bias: slice | None
+    out_features: int
+    in_features: int
+    eig_a: torch.Tensor | None = None  # (in+1,) or (in,)
+    vec_a: torch.Tensor | None = None
+    eig_g: torch.Tensor | None = None  # (out,)
+    vec_g: torch.Tensor | None = None
+
+
+def linear_blocks(model: nn.Module, params: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[_Block]:
+    """The ``nn.Linear`` submodules whose weight is among ``params``, with their slices in θ.
+
+    Args:
+        model: the module.
+        params: the optimized parameters in θ order.
+        offsets: start of each parameter in θ (len(params) + 1 entries).
+
+    Returns:
+        One block per linear sublayer (a factorized layer gives two: V, then U, in module order).
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    blocks = []
+    for mod in model.modules():
+        if not isinstance(mod, nn.Linear) or id(mod.weight) not in index:
+            continue
+        i = index[id(mod.weight)]
+        bias = None
+        if mod.bias is not None and id(mod.bias) in index:
+            j = index[id(mod.bias)]
+            bias = slice(offsets[j], offsets[j + 1])
+        blocks.append(_Block(mod, slice(offsets[i], offsets[i + 1]), bias, mod.out_features, mod.in_features))
+    return blocks
+
+
+def _output_sqrt_hessians(
+    loss_of_outputs: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    samples: Samples,
+    generator: torch.Generator | None,
+) -> list[torch.Tensor]:
+    """Vectors w (each shaped like z) with Σ_w w wᵀ = H_L (exact) or E[w wᵀ] = H_L (per draw).
+
+    H_L = ∂²L/∂z² of the batch loss is taken to be block-diagonal over the examples (the loss is a
+    mean of per-example terms), which is what lets one probe per output coordinate recover every
+    example's block at once.
+    """
+    z = z.detach()
+    b = z.shape[0]
+    flat = z.reshape(b, -1)  # (B, C)
+    c_out = flat.shape[1]
+    with torch.enable_grad():
+        zz = z.clone().requires_grad_(True)
+        (gz,) = torch.autograd.grad(loss_of_outputs(zz), zz, create_graph=True)
+
+    def hvp(u: torch.Tensor) -> torch.Tensor:
+        (h,) = torch.autograd.grad(gz, zz, u.view_as(z), retain_graph=True)
+        return h.reshape(b, -1)  # (B, C)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=z.dtype, device="cpu").to(z.device)
+
+    probe = draw(tuple(flat.shape))
+    diag = hvp(torch.ones_like(flat))  # (B, C): the diagonal of each H_i if H_i is diagonal
+    h_probe = hvp(probe)
+    scale = float(diag.abs().max()) if diag.numel() else 0.0
+    diagonal = bool((diag >= -1e-12 * scale).all()) and torch.allclose(
+        h_probe, diag * probe, rtol=1e-4, atol=1e-12 + 1e-6 * scale
+    )
+    if diagonal:  # squared errors (H_i = c I), binary cross-entropy (diagonal H_i)
+        root = diag.clamp_min(0).sqrt()  # (B, C)
+        if samples == "exact":
+            eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
+            return [(root * eye[k]).reshape(z.shape) for k in range(c_out)]
+        return [(root * draw(tuple(flat.shape))).reshape(z.shape) for _ in range(int(samples))]
+    if c_out > _MAX_EXACT_OUTPUTS:
+        raise ValueError(
+            f"K-FAC: expected a diagonal output Hessian or at most {_MAX_EXACT_OUTPUTS} outputs per example, "
+            f"got {c_out} outputs with a non-isotropic loss Hessian"
+        )
+    eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
+    cols = [hvp(eye[k].expand(b, c_out).contiguous()) for k in range(c_out)]  # column k of each H_i
+    h = torch.stack(cols, dim=2)  # (B, C, C)
+    h = 0.5 * (h + h.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(h)
+    root = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (B, C, C): H_i^½ up to rotation
+    if samples == "exact":
+        return [root[:, :, k].reshape(z.shape) for k in range(c_out)]
+    return [torch.einsum("bij,bj->bi", root, draw((b, c_out))).reshape(z.shape) for _ in range(int(samples))]
+
+
+class KFAC:
+    """K-FAC blocks of the linear sublayers of a model; see the module docstring.
+
+    Args:
+        model: the module; its ``nn.Linear`` submodules whose weight is optimized become blocks.
+        params: the optimized parameters in θ order.
+        offsets: start of each parameter in θ (len(params) + 1 entries).
+        samples: Monte-Carlo draws of w per example (≥ 1), or "exact" (C backward passes).
+        seed: seed of the draws.
+
+    Raises:
+        ValueError: ``samples`` is neither a positive count nor "exact".
+    """
+
+    def __init__(
+        self, model: nn.Module, params: Sequence[torch.Tensor], offsets: Sequence[int],
+        samples: Samples = 1, seed: int = 0,
+    ) -> None:  # fmt: skip
+        if samples != "exact" and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"samples: expected a count >= 1 or 'exact', got {samples!r}")
+        self.model = model
+        self.samples = samples
+        self.blocks = linear_blocks(model, params, offsets)
+        self.numel = int(offsets[-1])
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @property
+    def ready(self) -> bool:
+        """Whether factors have been estimated."""
+        return all(b.eig_a is not None for b in self.blocks)
+
+    def factors(
+        self, inputs: tuple[Any, ...], loss_of_outputs: Callable[[Any], torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Estimate (A, G) for every block on a batch (the model's current parameters).
+
+        Args:
+            inputs: the batch, ``model(*inputs)``.
+            loss_of_outputs: outputs ↦ batch-mean loss on this batch.
+
+        Returns:
+            [(A, G)] in block order; A is (in+1, in+1) with a bias, else (in, in); G is (out, out).
+        """
+        if not self.blocks:
+            return []
+        acts: dict[int, torch.Tensor] = {}
+        outs: dict[int, torch.Tensor] = {}
+        handles = []
+        for k, blk in enumerate(self.blocks):
+
+            def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, k: int = k) -> None:
+                acts[k] = args[0].detach()
+                outs[k] = out
+
+            handles.append(blk.module.register_forward_hook(hook))
+        try:
+            with torch.enable_grad():
+                z = self.model(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        leaves = tree_flatten(z)[0]
+        if len(leaves) != 1:
+            raise ValueError(f"K-FAC: expected a model with one output tensor, got {len(leaves)}")
+        z = leaves[0]
+        live = [k for k in range(len(self.blocks)) if k in outs and outs[k].requires_grad]
+        ws = [] if not live else _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
+        weight = 1.0 if self.samples == "exact" else 1.0 / max(len(ws), 1)
+        g_sum = {k: None for k in live}
+        with torch.enable_grad():
+            for n, w in enumerate(ws):
+                grads = torch.autograd.grad(
+                    z, [outs[k] for k in live], w, retain_graph=n + 1 < len(ws), allow_unused=True
+                )
+                for k, gk in zip(live, grads):
+                    if gk is None:
+                        continue
+                    gk = gk.reshape(-1, gk.shape[-1])  # (B·T, out)
+                    term = weight * gk.T @ gk
+                    g_sum[k] = term if g_sum[k] is None else g_sum[k] + term
+        result = []
+        for k, blk in enumerate(self.blocks):
+            if k not in acts:  # the sublayer is not on this batch's path: no curvature seen
+                acts[k] = torch.zeros(1, blk.in_features, dtype=z.dtype, device=z.device)
+            a = acts[k].reshape(-1, blk.in_features)  # (B·T, in)
+            if blk.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)  # (B·T, in+1)
+            big_a = mean_across(a.T @ a / a.shape[0])
+            g = g_sum.get(k)
+            if g is None:
+                g = torch.zeros(blk.out_features, blk.out_features, dtype=a.dtype, device=a.device)
+            # rows beyond the batch axis (sequences): A averages them, G sums them ("expand")
+            result.append((big_a, mean_across(g)))
+        return result
+
+    def update(self, inputs: tuple[Any, ...], loss_of_outputs: Callable[[Any], torch.Tensor]) -> None:
+        """Re-estimate the factors on a batch and store their eigendecompositions."""
+        for blk, (a, g) in zip(self.blocks, self.factors(inputs, loss_of_outputs)):
+            ea, va = torch.linalg.eigh(a.double())
+            eg, vg = torch.linalg.eigh(g.double())
+            blk.eig_a, blk.vec_a = ea.clamp_min(0).to(a.dtype), va.to(a.dtype)
+            blk.eig_g, blk.vec_g = eg.clamp_min(0).to(g.dtype), vg.to(g.dtype)
+
+    def inverse(
+        self, damping: float, l2: torch.Tensor | None = None, mode: str = "eigen"
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """r ↦ M⁻¹ r with damped Kronecker blocks (see the module docstring).
+
+        Args:
+            damping: λ.
+            l2: per-coordinate L2 coefficients (P,), or None; each block adds its mean to λ.
+            mode: "eigen" (exact inverse of G ⊗ A + γ I) or "pi" (π-damped factors).
+
+        Returns:
+            The map (P,) -> (P,).
+
+        Raises:
+            RuntimeError: ``update`` was never called.
+            ValueError: an unknown mode.
+        """
+        if mode not in KFAC_DAMPINGS:
+            raise ValueError(f"mode: expected one of {list(KFAC_DAMPINGS)}, got {mode!r}")
+        if not self.ready:
+            raise RuntimeError("KFAC.inverse: call update() first")
+        plans = []
+        for blk in self.blocks:
+            assert blk.eig_a is not None and blk.eig_g is not None
+            gamma = damping + (float(l2[blk.weight].mean()) if l2 is not None else 0.0)
+            gamma = max(gamma, 1e-30)
+            tr_a = float(blk.eig_a.mean())
+            tr_g = float(blk.eig_g.mean())
+            if mode == "eigen":
+                plans.append((blk, 1.0 / (blk.eig_g[:, None] * blk.eig_a[None, :] + gamma)))  # (out, in')
+                continue
+            pi = math.sqrt(tr_a / tr_g) if tr_a > 0 and tr_g > 0 else 1.0
+            root = math.sqrt(gamma)
+            inv_a = 1.0 / (blk.eig_a + pi * root)  # (in',)
+            inv_g = 1.0 / (blk.eig_g + root / pi)  # (out,)
+            plans.append((blk, inv_g[:, None] * inv_a[None, :]))
+
+        def apply(r: torch.Tensor) -> torch.Tensor:
+            out = r.clone()
+            for blk, scale in plans:
+                mat = r[blk.weight].view(blk.out_features, blk.in_features)
+                if blk.bias is not None:
+                    mat = torch.cat([mat, r[blk.bias].view(-1, 1)], dim=1)  # (out, in+1)
+                rot = blk.vec_g.T @ mat @ blk.vec_a  # into the eigenbases
+                res = blk.vec_g @ (rot * scale) @ blk.vec_a.T
+                out[blk.weight] = res[:, : blk.in_features].reshape(-1)
+                if blk.bias is not None:
+                    out[blk.bias] = res[:, -1]
+            return out
+
+        return apply
