@@ -420,7 +420,9 @@ class HessianFree(torch.optim.Optimizer):
         g1, g2 = mean_across(grads[0]), mean_across(grads[1])
         return data_t, (n1 * grads[0] + n2 * grads[1]) / batch, gradient_noise(g1, g2, n1, n2)
 
-    def _kfac(self, flat: FlatParams, inputs: tuple[Any, ...], loss_of_outputs: LossFn) -> KFAC:
+    def _kfac(
+        self, flat: FlatParams, inputs: tuple[Any, ...], loss_of_outputs: Callable[[Any], torch.Tensor]
+    ) -> KFAC:
         """The K-FAC blocks at θ, re-estimated every ``kfac_every`` steps (or when shapes changed)."""
         g = self._global()
         kfac = KFAC(self.model, flat.params, flat.offsets)
@@ -436,6 +438,7 @@ class HessianFree(torch.optim.Optimizer):
             )
         )
         if fresh and g["step"] - int(g.get("kfac_step", -(10**9))) < self.defaults["kfac_every"]:
+            assert saved is not None
             for blk, (ea, va, eg, vg) in zip(kfac.blocks, saved):
                 blk.eig_a, blk.vec_a, blk.eig_g, blk.vec_g = ea, va, eg, vg
             return kfac
@@ -547,9 +550,11 @@ class HessianFree(torch.optim.Optimizer):
         # 3. preconditioned CG from the warm start
         precond: Any = None
         if hp["preconditioner"] == "kfac":
-            precond = self._kfac(flat, c_inputs, lambda z: loss_fn(z, c_targets)).inverse(
-                lam, reg.l2, hp["kfac_damping"]
-            )
+
+            def loss_of_outputs(z: Any) -> torch.Tensor:
+                return loss_fn(z, c_targets)
+
+            precond = self._kfac(flat, c_inputs, loss_of_outputs).inverse(lam, reg.l2, hp["kfac_damping"])
         elif hp["preconditioner"] == "diagonal" and hp["preconditioner_alpha"] > 0:
             k = hp["preconditioner_examples"]
             p_inputs, p_targets = c_inputs, c_targets

@@ -215,7 +215,7 @@ class KFAC:
         live = [k for k in range(len(self.blocks)) if k in outs and outs[k].requires_grad]
         ws = [] if not live else _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
         weight = 1.0 if self.samples == "exact" else 1.0 / max(len(ws), 1)
-        g_sum = {k: None for k in live}
+        g_sum: dict[int, torch.Tensor | None] = {k: None for k in live}
         with torch.enable_grad():
             for n, w in enumerate(ws):
                 grads = torch.autograd.grad(
@@ -226,7 +226,8 @@ class KFAC:
                         continue
                     gk = gk.reshape(-1, gk.shape[-1])  # (B·T, out)
                     term = weight * gk.T @ gk
-                    g_sum[k] = term if g_sum[k] is None else g_sum[k] + term
+                    prev = g_sum[k]
+                    g_sum[k] = term if prev is None else prev + term
         result = []
         for k, blk in enumerate(self.blocks):
             if k not in acts:  # the sublayer is not on this batch's path: no curvature seen
@@ -290,6 +291,7 @@ class KFAC:
         def apply(r: torch.Tensor) -> torch.Tensor:
             out = r.clone()
             for blk, scale in plans:
+                assert blk.vec_a is not None and blk.vec_g is not None  # set by update()
                 mat = r[blk.weight].view(blk.out_features, blk.in_features)
                 if blk.bias is not None:
                     mat = torch.cat([mat, r[blk.bias].view(-1, 1)], dim=1)  # (out, in+1)
