@@ -136,6 +136,17 @@ def test_session_options_and_providers(default_export: Fixture) -> None:
         Executor(out, providers="cpu", variant="int8")
 
 
+def test_intra_op_spinning_is_off_unless_asked(default_export: Fixture) -> None:
+    """Stage sessions do not busy-wait after a run (idle pools would take the running stage's cores)."""
+    key = "session.intra_op.allow_spinning"
+    assert SessionConfig().to_ort().get_session_config_entry(key) == "0"
+    assert SessionConfig(spinning=True).to_ort().get_session_config_entry(key) == "1"
+    out, _, sample = default_export
+    quiet = Executor(out, providers="cpu").run(sample)["head"]
+    spinning = Executor(out, providers="cpu", session_options={"spinning": True}).run(sample)["head"]
+    np.testing.assert_array_equal(quiet, spinning)  # a scheduling option: the same numbers
+
+
 def test_missing_provider_is_an_error(default_export: Fixture) -> None:
     import onnxruntime as ort
 

@@ -37,6 +37,11 @@ class SessionConfig:
             faster at large batch, about twice the weight memory, and a different GEMM kernel
             (last-bit differences). Off by default, so streaming and resident runs give identical
             outputs and memory stays near one copy of the weights.
+        spinning: let the intra-op thread pool spin (busy-wait) after a run, waiting for the next
+            one. Off by default: a staged export holds one session, so one thread pool, per stage,
+            and idle pools that spin take the cores from the stage that is running (MiniLM in 3
+            stages at batch 1 on 2 cores: 2.66x the fused latency with spinning, 1.05x without;
+            docs/benchmarks/transformer.md). Turn it on for one session on an otherwise idle machine.
     """
 
     intra_op_threads: int = 0
@@ -45,12 +50,13 @@ class SessionConfig:
     optimization: str = "all"
     memory_pattern: bool = True
     prepacking: bool = False
+    spinning: bool = False
 
     def to_ort(self) -> ort.SessionOptions:
         """Build the onnxruntime SessionOptions.
 
         Raises:
-            ValueError: unknown optimization level or negative thread count.
+            InputError: unknown optimization level or negative thread count.
         """
         if self.optimization not in _OPT_LEVELS:
             raise InputError(
@@ -69,6 +75,7 @@ class SessionConfig:
         so.log_severity_level = 3  # errors only
         if not self.prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         return so
 
 
