@@ -39,9 +39,10 @@ class SessionConfig:
             outputs and memory stays near one copy of the weights.
         spinning: let the intra-op thread pool spin (busy-wait) after a run, waiting for the next
             one. Off by default: a staged export holds one session, so one thread pool, per stage,
-            and idle pools that spin take the cores from the stage that is running (MiniLM in 3
-            stages at batch 1 on 2 cores: 2.66x the fused latency with spinning, 1.05x without;
-            docs/benchmarks/transformer.md). Turn it on for one session on an otherwise idle machine.
+            and idle pools that spin take the cores from the stage that is running (on a loaded
+            2-core machine, MiniLM in 3 stages ran at 2.66x the fused latency at batch 1 with
+            spinning, 1.05x without; docs/benchmarks/transformer.md has the figures without it).
+            Turn it on for one session on an otherwise idle machine.
     """
 
     intra_op_threads: int = 0
