@@ -47,30 +47,10 @@ def load() -> float:
 
 
 def wide_spec(width: int, per_unit: int, units: int) -> Any:
-    from toolkit.spec import parse_spec
+    """A dense tanh MLP, ``units`` stages of ``per_unit`` linear layers (the runtime bench's model)."""
+    from bench_runtime import wide_spec as runtime_wide_spec  # benchmarks/ is the script's directory
 
-    nodes: list[dict[str, Any]] = []
-    parts: list[list[str]] = []
-    prev = "x"
-    for s in range(units):
-        ids = []
-        for j in range(per_unit):
-            nodes.append({"id": f"fc{s}_{j}", "op": "linear", "in": prev, "out": width, "factorize": "none"})
-            nodes.append({"id": f"act{s}_{j}", "op": "tanh", "in": f"fc{s}_{j}"})
-            prev = f"act{s}_{j}"
-            ids += [f"fc{s}_{j}", prev]
-        parts.append(ids)
-    return parse_spec(
-        {
-            "name": f"wide-mlp-{width}x{per_unit * units}",
-            "inputs": {"x": {"shape": [width]}},
-            "nodes": nodes,
-            "outputs": [prev],
-            "stages": parts,
-            "train": {"data": {"builtin": "digits"}, "loss": "sum_squared"},
-        },
-        source="<bench_pipeline wide MLP>",
-    )
+    return runtime_wide_spec(width, per_unit, units)
 
 
 def placement(export: Path, ranges: list[tuple[int, int]], devices: list[str], batch: int) -> Any:
