@@ -79,20 +79,16 @@ def tokenize(
     """
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_str(text["tokenizer_json"])
-    limit = int(max_length or text["max_length"])
-    tok.enable_truncation(limit)
-    pad = tok.padding or {}
-    pad_id = pad.get("pad_id", tok.token_to_id("[PAD]") or 0)
-    pad_token = pad.get("pad_token", "[PAD]")
-    tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
-    encs = tok.encode_batch(list(sentences))
-    arrays = {
-        "input_ids": np.array([e.ids for e in encs], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encs], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in encs], dtype=np.int64),
-    }
-    return {text[k]: arrays[k] for k in KEYS if text.get(k) is not None}
+    from toolkit.runtime.text import TextEncoder  # the encoder the device runs: one tokenization
+
+    encoder = TextEncoder(
+        Tokenizer.from_str(text["tokenizer_json"]),
+        int(max_length or text["max_length"]),
+        input_ids=str(text["input_ids"]),
+        attention_mask=text.get("attention_mask"),
+        token_type_ids=text.get("token_type_ids"),
+    )
+    return encoder.encode(sentences).arrays
 
 
 def manifest_text(text: Mapping[str, Any]) -> dict[str, Any]:
