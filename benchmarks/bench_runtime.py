@@ -152,17 +152,23 @@ def trained_default(quick: bool) -> tuple[Any, Any, str]:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], batch: int, seconds: float, calls: int = 20
+    fns: dict[str, Callable[[], object]],
+    batch: int,
+    seconds: float,
+    calls: int = 20,
+    warmup: int = 5,
+    min_rounds: int = 5,
 ) -> dict[str, dict[str, float]]:
-    """Time every function in alternating rounds of ``calls`` calls each; per-call latency
-    percentiles per function. Many calls per round measure steady state (the model's weights and
-    buffers in cache, as on a device that runs one model); few calls, a cache shared with other work."""
+    """Time every function in alternating rounds of ``calls`` calls each (after ``warmup`` calls,
+    for at least ``min_rounds`` rounds); per-call latency percentiles per function. Many calls per
+    round measure steady state (the model's weights and buffers in cache, as on a device that runs
+    one model); few calls, a cache shared with other work."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
-        for _ in range(5):
+        for _ in range(warmup):
             fn()
     deadline = time.perf_counter() + seconds * len(fns)
-    while time.perf_counter() < deadline or min(len(v) for v in times.values()) < 5 * calls:
+    while time.perf_counter() < deadline or min(len(v) for v in times.values()) < min_rounds * calls:
         for name, fn in fns.items():
             for _ in range(calls):
                 t0 = time.perf_counter()

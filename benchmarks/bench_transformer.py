@@ -113,29 +113,11 @@ def rss_worker(export_dir: str, mode: str, batch: int) -> None:
 def interleaved(
     fns: dict[str, Callable[[], object]], batch: int, seconds: float, calls: int
 ) -> dict[str, Any]:
-    """Per-call latency of each function, timed in alternating rounds of ``calls`` calls."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    deadline = time.perf_counter() + seconds * len(fns)
-    while time.perf_counter() < deadline or min(len(v) for v in times.values()) < 3 * calls:
-        for name, fn in fns.items():
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        a = np.asarray(ts) * 1e3
-        p50 = float(np.percentile(a, 50))
-        out[name] = {
-            "p50_ms": p50,
-            "p90_ms": float(np.percentile(a, 90)),
-            "calls": len(a),
-            "throughput": batch / (p50 / 1e3),
-        }
-    return out
+    """Per-call latency of each function, timed in alternating rounds of ``calls`` calls
+    (bench_runtime's loop: 3 warm-up calls, at least 3 rounds)."""
+    from bench_runtime import interleaved as timed  # benchmarks/ is the script's directory
+
+    return dict(timed(fns, batch, seconds, calls, warmup=3, min_rounds=3))
 
 
 def no_spin_sessions(
