@@ -41,6 +41,8 @@ def load_hf(path: str | Path) -> tuple[nn.Module, Any]:
 
     Raises:
         FileNotFoundError: when ``path`` is not a directory with a config.json.
+        InputError: transformers cannot load the weights or tokenizer there (missing files,
+            unknown model type).
     """
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -49,8 +51,14 @@ def load_hf(path: str | Path) -> tuple[nn.Module, Any]:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(str(p), local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        model = AutoModel.from_pretrained(str(p), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as exc:  # transformers: missing weights / tokenizer, unknown model type
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{p}: expected a Hugging Face model directory it can load offline, got: {first}"
+        ) from None
     model.eval()
     return model, tok
 
