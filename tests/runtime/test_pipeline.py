@@ -75,7 +75,7 @@ def test_bit_equal_to_executor(
     assert stats["requests"] == len(reqs) and stats["duplicates"] == 0 and stats["retries"] == 0
     assert len(stats["utilisation"]) == len(devices) and all(0 < u <= 1 for u in stats["utilisation"])
     assert stats["p50_ms"] <= stats["p99_ms"]
-    assert all(0 < c <= 1.05 for c in stats["cpu_share"])
+    assert all(0 < c <= 1.05 for c in stats["cpu_share"]), stats["cpu_share"]
 
 
 def test_survives_killed_actor(ray_cluster: Any, default_export: Fixture) -> None:
