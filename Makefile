@@ -16,13 +16,14 @@ export TRANSFORMERS_OFFLINE := 1
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## create .venv: torch first (pinned), then the toolkit with dev + hf + cluster (ray) extras
+install: $(STAMP)  ## create .venv: torch first (pinned), then the runtime (./runtime), then the toolkit with dev + hf + cluster extras
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml runtime/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q $(ORT)
+	$(BIN)/python -m pip install -q -e ./runtime
 	$(BIN)/python -m pip install -q -e ".[dev,hf,cluster]"
 	touch $(STAMP)
 
@@ -42,8 +43,8 @@ test: $(STAMP)  ## the test suite (unit + end-to-end), CPU; GPU tests skip witho
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check toolkit tests examples benchmarks
-	$(BIN)/ruff format --check toolkit tests examples benchmarks
+	$(BIN)/ruff check toolkit runtime tests examples benchmarks
+	$(BIN)/ruff format --check toolkit runtime tests examples benchmarks
 	$(BIN)/mypy
 
 clean:  ## remove the virtual environment and run outputs

@@ -4,6 +4,11 @@ Each package of ``toolkit`` has a place in ``ORDER``; a module may import its ow
 the packages before it, never one after it. Lazy imports inside functions count the same. The
 runtime is the foundation the device runs: besides itself it imports only ``toolkit.errors``, and
 neither torch nor onnx nor transformers, nor the spec or the builder.
+
+The runtime's code is the separate distribution ``rlhf-runtime`` (``runtime/rlhf_runtime/``, which
+``toolkit.runtime`` re-exports): it imports nothing from ``toolkit`` at all, only numpy, onnxruntime
+and the standard library at module level, and its optional dependencies (tokenizers, pyyaml, ray)
+inside the functions that need them, so ``pip install rlhf-runtime`` alone runs every export.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "toolkit"
+RUNTIME_ROOT = Path(__file__).resolve().parents[1] / "runtime" / "rlhf_runtime"
+RUNTIME_TOP_LEVEL = {"numpy", "onnxruntime", "rlhf_runtime"}  # third-party allowed at module level
+RUNTIME_LAZY = {"tokenizers", "yaml", "ray", "packaging"}  # extras text / yaml / cluster (packaging: used when present): inside functions only
 
 ORDER = [
     "errors",  # the InputError type; imports nothing
@@ -55,12 +63,15 @@ def _package(path: Path) -> str:
     return rel.parts[0].removesuffix(".py") if rel.parts[0] != "__init__.py" else "__init__"
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in the file, relative ones resolved."""
+def _imports(path: Path, root: Path | None = None, top_level: bool = False) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file, relative ones resolved
+    (``top_level``: only the imports run when the module is imported, not those inside functions)."""
+    root = root or ROOT
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    pkg_parts = ["toolkit", *path.relative_to(ROOT).with_suffix("").parts][:-1]  # the containing package
+    pkg_parts = [root.name, *path.relative_to(root).with_suffix("").parts][:-1]  # the containing package
     found = []
-    for node in ast.walk(tree):
+    nodes = _module_level(tree) if top_level else ast.walk(tree)
+    for node in nodes:
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -71,6 +82,43 @@ def _imports(path: Path) -> list[tuple[int, str]]:
                 module = node.module or ""
             found.append((node.lineno, module))
     return found
+
+
+def _module_level(tree: ast.Module) -> list[ast.AST]:
+    """The statements run at import time: the module body and the bodies of its if/try blocks
+    (``if TYPE_CHECKING:`` blocks excluded), not functions or classes."""
+    out: list[ast.AST] = []
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", [])
+            todo += [s for h in getattr(node, "handlers", []) for s in h.body]
+        out.append(node)
+    return out
+
+
+def runtime_violations() -> list[str]:
+    """Every import of the runtime distribution that breaks its rules, as ``file:line: what``."""
+    import sys
+
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    problems = []
+    for path in sorted(RUNTIME_ROOT.rglob("*.py")):
+        where = f"runtime/{path.relative_to(RUNTIME_ROOT.parent)}"
+        for line, module in _imports(path, RUNTIME_ROOT):
+            top = module.split(".")[0]
+            if top not in stdlib | RUNTIME_TOP_LEVEL | RUNTIME_LAZY:
+                problems.append(f"{where}:{line}: rlhf_runtime imports {module}, which it must not depend on")
+        for line, module in _imports(path, RUNTIME_ROOT, top_level=True):
+            if module.split(".")[0] in RUNTIME_LAZY:
+                problems.append(
+                    f"{where}:{line}: rlhf_runtime imports the optional {module} at module level "
+                    "(import it inside the function that needs it)"
+                )
+    return problems
 
 
 def violations() -> list[str]:
@@ -94,6 +142,32 @@ def violations() -> list[str]:
 
 def test_every_import_follows_the_rules() -> None:
     assert violations() == []
+
+
+def test_the_runtime_distribution_imports_only_its_dependencies() -> None:
+    assert runtime_violations() == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from toolkit.errors import InputError\n", "rlhf_runtime imports toolkit.errors"),
+        ("import torch\n", "rlhf_runtime imports torch"),
+        ("import click\n", "rlhf_runtime imports click"),
+        ("import yaml\n", "the optional yaml at module level"),
+        ("try:\n    import tokenizers\nexcept ImportError:\n    pass\n", "the optional tokenizers"),
+    ],
+)
+def test_the_runtime_checker_catches_a_wrong_import(
+    source: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "rlhf_runtime"
+    fake.mkdir()
+    (fake / "bad.py").write_text(source)
+    (fake / "good.py").write_text("import json\nimport numpy as np\n\n\ndef f():\n    import yaml\n")
+    monkeypatch.setitem(globals(), "RUNTIME_ROOT", fake)
+    found = runtime_violations()
+    assert len(found) == 1 and expected in found[0], found
 
 
 def test_toolkit_init_imports_nothing_heavy() -> None:

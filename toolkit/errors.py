@@ -1,13 +1,13 @@
-"""The exception for bad user input, shared by every layer (it imports nothing).
+"""The exception for bad user input, shared by every layer: ``rlhf_runtime.errors.InputError``.
 
-Raise :class:`InputError` on purpose when something the user handed us is wrong: a file, a field,
-an option, an array. The message names what is wrong and where ("expected X, got Y" with the file,
-field path or line). The ``rlhf`` command line prints it as one line and exits with code 2. Any other
-exception is a bug in the toolkit: exit code 1, with the traceback.
+It is defined in the runtime distribution (``rlhf-runtime``, which the toolkit depends on) so the
+device side raises the same class; this module re-exports it, so ``except toolkit.errors.InputError``
+catches the runtime's errors and the ``rlhf`` command line turns them into exit code 2 as well.
+Importing it loads neither numpy nor onnxruntime (``rlhf_runtime/__init__`` is lazy).
 """
 
 from __future__ import annotations
 
+from rlhf_runtime.errors import InputError
 
-class InputError(ValueError):
-    """The user's input is wrong; ``str(err)`` is the message shown to them (one line per problem)."""
+__all__ = ["InputError"]

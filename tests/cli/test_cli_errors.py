@@ -121,7 +121,7 @@ print("HEAVY:", ",".join(heavy) or "none", "EXIT:", code, file=sys.stderr)
     ids=lambda a: " ".join(Path(x).name for x in a[:2]),
 )
 def test_spec_commands_import_no_torch(args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", CHECK, *args], capture_output=True, text=True, env=env, timeout=120
     )

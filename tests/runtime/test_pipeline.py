@@ -223,7 +223,7 @@ def test_serve_starts_and_stops_its_own_cluster(default_export: Fixture, tmp_pat
         capture_output=True,
         text=True,
         timeout=150,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])},
     )
     assert res.returncode == 0, res.stderr[-2000:]
     ex = Executor(export, providers="cpu", session_options={"intra_op_threads": 1})

@@ -55,6 +55,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench",
         "Latency, throughput and memory of an export (staged, fused, int8).",
     ),
+    "bundle": (
+        "toolkit.cli.deploy_cmds",
+        "bundle",
+        "Write an offline bundle of an export: files, runtime wheels, README, SHA256SUMS.",
+    ),
     "factorize": (
         "toolkit.cli.factorize_cmd",
         "factorize",

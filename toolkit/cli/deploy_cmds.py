@@ -1,21 +1,19 @@
 """`rlhf export`, `rlhf run`, `rlhf bench`: each parses, calls one library function, prints.
 
-`run` and `bench` import only the runtime (numpy + onnxruntime); `export` imports torch, and `bench`
-imports it only to time torch eager when it is installed and a model is known.
+`run` and `bench` call the runtime's ``rlhf_runtime.commands`` (numpy + onnxruntime), the code the
+device command ``rlhf-run`` runs too; `export` imports torch, and `bench` imports it only to time
+torch eager when it is installed and a model is known.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from toolkit.data.files import load_npy, load_npz
 from toolkit.errors import InputError
-from toolkit.runtime.manifest import TensorInfo
 
 
 def _load_samples(
@@ -83,8 +81,22 @@ def _text_samples(text: dict[str, Any], n: int) -> dict[str, np.ndarray]:
 @click.option(
     "--samples", type=int, default=256, show_default=True, help="Test samples for the parity check."
 )
+@click.option(
+    "--bundle",
+    "bundle_path",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write an offline bundle (.tar.gz) of the export for this platform (see `rlhf bundle`).",
+)
 def export(
-    source: Path, out: Path, quantize: str | None, optimize: bool, overwrite: bool, opset: int, samples: int
+    source: Path,
+    out: Path,
+    quantize: str | None,
+    optimize: bool,
+    overwrite: bool,
+    opset: int,
+    samples: int,
+    bundle_path: Path | None,
 ) -> None:
     """Export a trained run (RUN_DIR or checkpoint) to one ONNX file per stage + manifest.json."""
     from toolkit.checkpoint import load_model
@@ -128,45 +140,74 @@ def export(
             else ""
         )
         click.echo(f"int8: {q['chosen']['label']}, size ratio {e2e['size_ratio']:.2f}{acc}")
+    if bundle_path is not None:
+        _write_bundle(out, bundle_path, overwrite=overwrite)
 
 
-def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarray]:
-    """A .npy (single-input model), .npz (names) or .csv (single input, one example per row) file."""
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        arrays = load_npz(path)
-    elif suffix in (".npy", ".csv"):
-        if len(infos) != 1:
-            names = [t.name for t in infos]
-            raise InputError(
-                f"--input {path}: the model has inputs {names}: expected a .npz file with those names"
-            )
-        if suffix == ".npy":
-            arr = load_npy(path)
-        else:
-            try:
-                arr = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
-            except ValueError as exc:
-                raise InputError(f"--input {path}: expected a CSV of numbers, got: {exc}") from None
-            fixed = [d for d in infos[0].shape[1:] if d is not None]
-            if arr.shape[1] == int(np.prod(fixed)):
-                arr = arr.reshape(arr.shape[0], *fixed)
-        arrays = {infos[0].name: arr}
-    else:
-        raise InputError(
-            f"--input {path}: expected a .npy, .npz or .csv file, got {suffix or 'no extension'}"
-        )
-    out = {}
-    for t in infos:
-        if t.name in arrays:
-            a = arrays[t.name]
-            if not np.can_cast(a.dtype, t.dtype, casting="same_kind"):
-                raise InputError(
-                    f"--input {path}: input {t.name!r}: expected {t.dtype} values, got {a.dtype}"
-                )
-            arrays[t.name] = a.astype(t.dtype, copy=False)
-    out.update(arrays)
-    return out
+def _write_bundle(export_dir: Path, out: Path, **kwargs: Any) -> None:
+    from toolkit.export.bundle import write_bundle
+
+    if not out.name.endswith(".tar.gz"):
+        raise InputError(f"--bundle / -o {out}: expected a .tar.gz path")
+    digest = write_bundle(export_dir, out, **kwargs)
+    size = out.stat().st_size
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB, sha256 {digest})")
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Bundle to write (.tar.gz).",
+)
+@click.option("--python-version", default=None, help="The device's Python, e.g. 3.11 (default: this one).")
+@click.option(
+    "--platform",
+    "platform_tag",
+    default=None,
+    help="The device's pip platform tag, e.g. manylinux2014_aarch64 (default: this machine).",
+)
+@click.option(
+    "--find-links",
+    default=None,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Take numpy / onnxruntime wheels from this directory instead of the package index.",
+)
+@click.option(
+    "--runtime-wheel",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A prebuilt rlhf_runtime wheel (default: built from runtime/ of this repository).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle file.")
+def bundle(
+    export_dir: Path,
+    out: Path,
+    python_version: str | None,
+    platform_tag: str | None,
+    find_links: Path | None,
+    runtime_wheel: Path | None,
+    overwrite: bool,
+) -> None:
+    """Write an offline bundle of an export: the export, the runtime wheel, numpy + onnxruntime wheels
+    for the device, a README with the commands to run there, and SHA256SUMS of every member.
+
+    On the device: tar xzf BUNDLE.tar.gz; cd into it; pip install --no-index --find-links wheels
+    rlhf-runtime; rlhf-run run export --input x.npy -o y.npy.
+    """
+    _write_bundle(
+        export_dir,
+        out,
+        python_version=python_version,
+        platform=platform_tag,
+        find_links=find_links,
+        runtime_wheel=runtime_wheel,
+        overwrite=overwrite,
+    )
 
 
 @click.command()
@@ -215,51 +256,24 @@ def run(
 
     With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"); a
     classifier (manifest key "labels") prints one JSON line per text with its label and scores.
+    The device command ``rlhf-run run`` (rlhf-runtime, no torch) does the very same.
     """
-    from toolkit.errors import InputError
-    from toolkit.runtime import Executor, SessionConfig
+    from rlhf_runtime.commands import run_export
 
-    if (input_path is None) == (text_path is None):
-        raise InputError("rlhf run: expected exactly one of --input FILE or --text FILE")
-    if text_path is not None:
-        from toolkit.runtime import text as rt
-
-        texts = rt.read_lines(text_path)
-        ex0 = Executor(export_dir, providers="cpu", variant=variant, fused=fused,
-                       session_options=SessionConfig(intra_op_threads=threads))  # fmt: skip
-        if "labels" in ex0.manifest.raw and out is None:
-            click.echo(rt.dumps(rt.classify_texts(export_dir, texts, threads, executor=ex0)))
-            return
-        outputs_t, _ = rt.run_texts(ex0, export_dir, texts)
-        if out is None:
-            raise InputError("rlhf run --text: the export has no labels: expected -o OUT.npz for its outputs")
-        np.savez(out, **outputs_t)  # type: ignore[arg-type]
-        click.echo(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs_t.items()))
-        return
-    if out is None or input_path is None:
-        raise InputError("rlhf run --input: expected -o OUT (.npy or .npz)")
-
-    prov: str | list[str] = providers if providers in ("auto", "cpu", "cuda") else providers.split(",")
-    ex = Executor(
+    lines = run_export(
         export_dir,
-        providers=prov,
-        memory_budget=memory_budget,
-        session_options=SessionConfig(intra_op_threads=threads),
+        input_path=input_path,
+        text_path=text_path,
+        out=out,
         variant=variant,
         fused=fused,
+        providers=providers,
+        memory_budget=memory_budget,
+        threads=threads,
+        prog="rlhf run",
     )
-    outputs = ex.run(_read_input(input_path, ex.input_infos))
-    suffix = out.suffix.lower()
-    if suffix == ".npz":
-        np.savez(out, **outputs)  # type: ignore[arg-type]
-    elif suffix == ".npy":
-        if len(outputs) != 1:
-            raise InputError(f"-o {out}: the model has outputs {list(outputs)}: expected a .npz path")
-        np.save(out, next(iter(outputs.values())))
-    else:
-        raise InputError(f"-o {out}: expected a .npy or .npz path, got {suffix or 'no extension'}")
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
-    click.echo(f"wrote {out}: {shapes} ({ex.mode}, {ex.providers[0]})")
+    for line in lines:
+        click.echo(line)
 
 
 def _torch_eager(model_path: str, threads: int) -> Any:
@@ -311,15 +325,15 @@ def bench(
     Inputs are random, of the manifest's shapes and dtypes (integers are ones; a dynamic axis after
     the batch axis, such as a sequence length, gets 16 positions).
     """
-    from toolkit.runtime.bench import bench_export
-    from toolkit.runtime.manifest import read_manifest
+    from rlhf_runtime.commands import BENCH_COLUMNS, bench_cells, bench_json, bench_rows
+    from rlhf_runtime.manifest import read_manifest
 
     if any(b < 1 for b in batches):
         raise InputError(f"--batch: expected positive batch sizes, got {list(batches)}")
     manifest = read_manifest(export_dir)
     source: str | Path | None = model_path  # a path the user passes is theirs to choose
     if source is None:
-        from toolkit.runtime.manifest import source_path
+        from rlhf_runtime.manifest import source_path
 
         try:
             source = source_path(export_dir, manifest)
@@ -330,26 +344,16 @@ def bench(
         fn = _torch_eager(str(source), threads)
         if fn is not None:
             extra["torch eager"] = fn
-    rows = bench_export(
-        export_dir, tuple(batches), threads=threads, providers="cpu", extra=extra, min_seconds=seconds
-    )
+    rows = bench_rows(export_dir, batches, threads, seconds, extra)
     if as_json:
-        click.echo(json.dumps({"threads": threads, "rows": rows}, indent=2))
+        click.echo(bench_json(rows, threads))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{manifest.name}: {export_dir} (intra-op threads {threads})")
-    for col in ("config", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak RSS MiB"):
+    for col in BENCH_COLUMNS:
         table.add_column(col, justify="left" if col == "config" else "right")
     for r in rows:
-        table.add_row(
-            str(r["config"]),
-            str(r["batch"]),
-            f"{r['p50_ms']:.3f}",
-            f"{r['p90_ms']:.3f}",
-            f"{r['p99_ms']:.3f}",
-            f"{r['throughput']:.0f}",
-            f"{int(r['peak_rss_bytes']) / 2**20:.1f}",  # type: ignore[call-overload]
-        )
+        table.add_row(*bench_cells(r))
     Console().print(table)

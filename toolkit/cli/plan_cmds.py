@@ -154,10 +154,10 @@ def plan(
     import yaml
     from rich.console import Console
     from rich.table import Table
+    from rlhf_runtime.placement import PlacedStage, Placement, save_placement
 
     from toolkit.fsio import atomic_write_bytes
     from toolkit.planner import load_devices, plan_pipeline
-    from toolkit.runtime.placement import PlacedStage, Placement, save_placement
 
     cluster = load_devices(devices_path)  # bad devices file: fail before measuring anything
     if max_exact < 1:

@@ -72,11 +72,10 @@ def serve(
     """
     from rich.console import Console
     from rich.live import Live
-
-    from toolkit.cli.deploy_cmds import _read_input
-    from toolkit.runtime.manifest import read_manifest
-    from toolkit.runtime.pipeline import Pipeline
-    from toolkit.runtime.placement import check_placement, load_placement
+    from rlhf_runtime.commands import read_input
+    from rlhf_runtime.manifest import read_manifest
+    from rlhf_runtime.pipeline import Pipeline
+    from rlhf_runtime.placement import check_placement, load_placement
 
     suffix = out.suffix.lower()
     if suffix not in (".npy", ".npz"):
@@ -84,7 +83,7 @@ def serve(
     manifest = read_manifest(export_dir)
     placement = load_placement(placement_path)
     check_placement(placement, export_dir, manifest)
-    inputs = _read_input(input_path, manifest.inputs)
+    inputs = read_input(input_path, manifest.inputs)
     size = micro_batch or placement.batch
     if size < 1:
         raise InputError(f"--micro-batch: expected >= 1, got {size}")

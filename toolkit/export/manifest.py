@@ -1,4 +1,4 @@
-"""The manifest.json an export directory carries (format read back by toolkit.runtime.manifest)."""
+"""The manifest.json an export directory carries (format read back by rlhf_runtime.manifest)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-
-from toolkit.runtime.manifest import FORMAT, VERSION
+from rlhf_runtime.manifest import FORMAT, VERSION
 
 
 def tensor_info(name: str, array: np.ndarray, sequence: bool = False) -> dict[str, Any]:

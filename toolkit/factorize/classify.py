@@ -250,9 +250,8 @@ class TextSplits:
 
 def text_encoder_of(tok: Any, max_length: int) -> Any:
     """A torch-free ``TextEncoder`` with the same vocabulary and rules as a HF fast tokenizer."""
+    from rlhf_runtime.text import TextEncoder
     from tokenizers import Tokenizer
-
-    from toolkit.runtime.text import TextEncoder
 
     return TextEncoder(Tokenizer.from_str(tok.backend_tokenizer.to_str()), max_length)
 
@@ -502,9 +501,10 @@ def export_classifier(
     Returns:
         The manifest document.
     """
+    from rlhf_runtime.text import tokenizer_entry
+
     from toolkit.factorize.hf import export_text_model
     from toolkit.fsio import atomic_write_bytes
-    from toolkit.runtime.text import tokenizer_entry
 
     out = Path(out)
     save_classifier(clf, tok, names, report_json, out, max_length)

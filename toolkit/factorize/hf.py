@@ -306,7 +306,7 @@ def export_text_model(
     name: str | None = None,
 ) -> dict[str, Any]:
     """Export ``module(input_ids, attention_mask)`` as a one-stage export directory that
-    ``toolkit.runtime.Executor`` and ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus
+    ``rlhf_runtime.Executor`` and ``rlhf run`` / ``rlhf bench`` load: ``model.onnx`` plus
     ``manifest.json``.
 
     Parity against torch is measured on ``sentences`` (tokenized as ``tokenize`` does) and

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from rlhf_runtime.bench import random_inputs
+from rlhf_runtime.manifest import MANIFEST_NAME, Manifest, TensorInfo, read_manifest, verified_path
+from rlhf_runtime.session import SessionConfig, create_session
 
 from toolkit.errors import InputError
 from toolkit.planner.profile import ModelProfile, Unit
-from toolkit.runtime.bench import random_inputs
-from toolkit.runtime.manifest import MANIFEST_NAME, Manifest, TensorInfo, read_manifest, verified_path
-from toolkit.runtime.session import SessionConfig, create_session
 
 SEQ_LENGTH = 16  # length of a dynamic axis after the batch axis while timing
 

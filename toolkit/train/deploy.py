@@ -27,8 +27,9 @@ def export_and_check(run_dir: str | Path, device: str | None = None, sample_size
         missing from this build.
     """
     try:
+        from rlhf_runtime import Executor
+
         from toolkit.export import export_model
-        from toolkit.runtime import Executor
     except ImportError as exc:
         return {"error": f"export skipped: toolkit.export / toolkit.runtime not available ({exc})"}
     run = Path(run_dir)

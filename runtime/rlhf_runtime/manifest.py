@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import InputError
-from toolkit.runtime.limits import MAX_MANIFEST_BYTES, limit
+from rlhf_runtime.errors import InputError
+from rlhf_runtime.limits import MAX_MANIFEST_BYTES, limit
 
 FORMAT = "rlhf-export"
 VERSION = 1
@@ -158,8 +158,14 @@ def parse_manifest(doc: Any) -> Manifest:
         raise _fail("top level", "a JSON object", type(doc).__name__)
     if doc.get("format") != FORMAT:
         raise _fail("format", repr(FORMAT), doc.get("format"))
-    if doc.get("version") != VERSION:
-        raise _fail("version", str(VERSION), doc.get("version"))
+    version = doc.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise InputError(
+            f"manifest.json: format version {version} is newer than this rlhf-runtime reads ({VERSION}): "
+            "upgrade rlhf-runtime (pip install -U rlhf-runtime, or install the wheel of the bundle)"
+        )
+    if version != VERSION:
+        raise _fail("version", str(VERSION), version)
     stages_raw = doc.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise _fail("stages", "a non-empty list", stages_raw)

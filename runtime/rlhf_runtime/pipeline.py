@@ -1,13 +1,13 @@
 """Serve an export as a pipeline of Ray actors, one per placed stage.
 
 ```python
-from toolkit.runtime.pipeline import Pipeline
+from rlhf_runtime.pipeline import Pipeline
 with Pipeline("export/", "placement.yaml", threads=1, max_in_flight=4) as pipe:
     outputs = pipe.run_batches([{"x": x0}, {"x": x1}, ...])   # in order, bit-equal to Executor.run
     pipe.stats()    # throughput, latency percentiles, per-stage utilisation, retries, restarts
 ```
 
-Each stage is a :class:`~toolkit.runtime.stage_worker.StageWorker` actor holding a contiguous range
+Each stage is a :class:`~rlhf_runtime.stage_worker.StageWorker` actor holding a contiguous range
 of the export's stage files, pinned to its device through a Ray custom resource ``device:NAME``
 (start each device's Ray node with ``--resources '{"device:NAME": 1}'``; without an address a local
 cluster is started with one such resource per placed device). A request is a chain of actor calls
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import InputError
-from toolkit.runtime.manifest import read_manifest
-from toolkit.runtime.placement import Placement, check_placement, load_placement
-from toolkit.runtime.stage_worker import StageWorker
+from rlhf_runtime.errors import InputError
+from rlhf_runtime.manifest import read_manifest
+from rlhf_runtime.placement import Placement, check_placement, load_placement
+from rlhf_runtime.stage_worker import StageWorker
 
 RESOURCE_PREFIX = "device:"
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.errors import InputError
-from toolkit.runtime.limits import BINDING_CACHE_SIZE, MAX_BUFFER_BYTES, limit
-from toolkit.runtime.manifest import (
+from rlhf_runtime.errors import InputError
+from rlhf_runtime.limits import BINDING_CACHE_SIZE, MAX_BUFFER_BYTES, limit
+from rlhf_runtime.manifest import (
     FileEntry,
     Manifest,
     TensorInfo,
@@ -27,7 +27,14 @@ from toolkit.runtime.manifest import (
     same_file,
     verified_path,
 )
-from toolkit.runtime.session import CUDA, SessionConfig, create_session, resolve_providers, run_bound
+from rlhf_runtime.session import (
+    CUDA,
+    SessionConfig,
+    create_session,
+    manifest_providers,
+    resolve_providers,
+    run_bound,
+)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,9 @@ class Executor:
         export_dir: directory written by ``toolkit.export.export_model`` / ``rlhf export``.
         providers: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu", "cuda" or a list of
             onnxruntime provider names. A provider named explicitly must really be active, else
-            RuntimeError (onnxruntime's silent fallback to CPU becomes visible).
+            RuntimeError (onnxruntime's silent fallback to CPU becomes visible). With "auto", a
+            manifest key ``"providers"`` ("cpu", "cuda" or a list) decides; one this onnxruntime
+            lacks is an InputError saying what to install.
         memory_budget: bytes available for weights + activations, or None for no limit.
         session_options: a SessionConfig (threads, memory arena, optimization level) or a dict of
             its fields.
@@ -215,7 +224,12 @@ class Executor:
             session_options = SessionConfig(**session_options)
         self.config = session_options or SessionConfig()
         explicit = not (isinstance(providers, str) and providers.lower() == "auto")
-        self.providers = resolve_providers(providers)
+        asked = (
+            None
+            if explicit
+            else manifest_providers(self.manifest.raw, str(self.export_dir / "manifest.json"))
+        )
+        self.providers = asked or resolve_providers(providers)
         self._strict = explicit
         if load_from not in ("auto", "path", "bytes"):
             raise InputError(f"load_from: expected 'auto', 'path' or 'bytes', got {load_from!r}")

@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from toolkit.errors import InputError
-from toolkit.fsio import atomic_write_bytes
-from toolkit.runtime.manifest import MANIFEST_NAME, Manifest
+from rlhf_runtime.errors import InputError
+from rlhf_runtime.fsio import atomic_write_bytes
+from rlhf_runtime.manifest import MANIFEST_NAME, Manifest
 
 FORMAT = "rlhf-placement"
 VERSION = 1
@@ -72,8 +70,20 @@ class Placement:
 
 def save_placement(placement: Placement, path: str | os.PathLike[str]) -> None:
     """Write the placement as YAML, atomically."""
+    yaml = _yaml()
     text = yaml.safe_dump(placement.to_dict(), sort_keys=False)
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _yaml() -> Any:
+    """pyyaml, imported when a placement is read or written (the extra ``rlhf-runtime[cluster]``)."""
+    try:
+        import yaml
+    except ImportError:
+        raise InputError(
+            "placement files need pyyaml: pip install 'rlhf-runtime[cluster]' (or pip install pyyaml)"
+        ) from None
+    return yaml
 
 
 def _fail(path: Any, where: str, expected: str, got: Any) -> InputError:
@@ -90,6 +100,7 @@ def load_placement(path: str | os.PathLike[str]) -> Placement:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"placement file not found: {p}")
+    yaml = _yaml()
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from toolkit.errors import InputError
+from rlhf_runtime.errors import InputError
 
 MAX_MANIFEST_BYTES = 16 * 2**20
 """Largest manifest.json read (bytes); env ``RLHF_MAX_MANIFEST_BYTES``."""

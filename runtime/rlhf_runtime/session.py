@@ -8,7 +8,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from toolkit.errors import InputError
+from rlhf_runtime.errors import InputError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -103,6 +103,39 @@ def resolve_providers(providers: str | Sequence[str]) -> list[str]:
     if missing:
         raise InputError(
             f"execution provider {missing} not available in this onnxruntime build: expected one of {available}"
+        )
+    return wanted
+
+
+def manifest_providers(raw: dict[str, Any], where: str) -> list[str] | None:
+    """The providers an export's manifest asks for (optional key ``"providers"``: "cpu", "cuda" or
+    a list of onnxruntime names), checked against this onnxruntime build; None when it asks nothing.
+
+    Raises:
+        InputError: the key is malformed, or asks for a provider this build lacks (one line: which,
+            and what to do on this device).
+    """
+    asked = raw.get("providers")
+    if asked is None:
+        return None
+    if isinstance(asked, str) and asked.lower() in ("cpu", "cuda"):
+        wanted = [CUDA, CPU] if asked.lower() == "cuda" else [CPU]
+    elif isinstance(asked, list) and asked and all(isinstance(p, str) and p for p in asked):
+        wanted = list(asked)
+    else:
+        raise InputError(
+            f"invalid manifest {where}, providers: expected 'cpu', 'cuda' or a list of names, got {asked!r}"
+        )
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        what = (
+            "install onnxruntime-gpu and the CUDA libraries on this device"
+            if wanted[0] == CUDA
+            else f"install an onnxruntime build with {wanted[0]}"
+        )
+        raise InputError(
+            f"{where}: the export asks for {wanted[0]}, which this onnxruntime {ort.__version__} lacks "
+            f"(it has {available}): {what}, or pass --providers cpu"
         )
     return wanted
 

@@ -134,9 +134,9 @@ def bench_export(
         One row per configuration and batch size: config, batch, latency figures, peak_rss_bytes
         (peak resident memory above the level before the configuration was loaded).
     """
-    from toolkit.runtime.executor import Executor
-    from toolkit.runtime.manifest import read_manifest
-    from toolkit.runtime.session import SessionConfig
+    from rlhf_runtime.executor import Executor
+    from rlhf_runtime.manifest import read_manifest
+    from rlhf_runtime.session import SessionConfig
 
     manifest = read_manifest(export_dir)
     infos = manifest.inputs

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.errors import InputError
+from rlhf_runtime.errors import InputError
 
 
 @dataclass
@@ -177,7 +177,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def run_texts(
     executor: Any, export_dir: str | Path, texts: Sequence[str], batch_size: int = 64
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Run an export (a ``toolkit.runtime.Executor``) on texts: (outputs concatenated, truncated count)."""
+    """Run an export (a ``rlhf_runtime.Executor``) on texts: (outputs concatenated, truncated count)."""
     enc = text_encoder_for(export_dir, executor.manifest.raw)
     parts: list[dict[str, np.ndarray]] = []
     truncated = 0
@@ -208,7 +208,7 @@ def classify_texts(
     Raises:
         InputError: the export has no ``labels`` or its output is not (B, len(labels)).
     """
-    from toolkit.runtime import Executor, SessionConfig
+    from rlhf_runtime import Executor, SessionConfig
 
     ex = executor or Executor(
         export_dir, providers="cpu", session_options=SessionConfig(intra_op_threads=threads)

@@ -1,6 +1,6 @@
 """One pipeline stage: a contiguous range of an export's stage files, run with onnxruntime.
 
-Numpy + onnxruntime + stdlib only: this is the body of a Ray actor (``toolkit.runtime.pipeline``)
+Numpy + onnxruntime + stdlib only: this is the body of a Ray actor (``rlhf_runtime.pipeline``)
 and runs on a device that has no torch. Files are loaded by path after their sha256 is checked
 against the manifest, exactly as the single-process Executor loads them, and run with the same
 session options, so a stage computes the same bits as the Executor.
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.runtime.manifest import read_manifest, same_file, verified_path
-from toolkit.runtime.session import SessionConfig, create_session
+from rlhf_runtime.manifest import read_manifest, same_file, verified_path
+from rlhf_runtime.session import SessionConfig, create_session
 
 
 class StageWorker:
