@@ -8,7 +8,6 @@ both command lines). numpy + onnxruntime + stdlib (``tokenizers`` for ``--text``
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from rlhf_runtime.manifest import TensorInfo
 
 
 def _np_load(path: Path, kind: str) -> Any:
+    import zipfile  # only for its error type (numpy imports it for .npz anyway)
+
     try:
         return np.load(path, allow_pickle=False)  # never unpickles
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -34,6 +35,8 @@ def load_input_file(path: Path) -> dict[str, np.ndarray] | np.ndarray:
         z = _np_load(path, ".npz")
         if not hasattr(z, "files"):
             raise InputError(f"{path}: expected a .npz archive of named arrays, got one array")
+        import zipfile
+
         with z:
             try:
                 return {k: z[k] for k in z.files}

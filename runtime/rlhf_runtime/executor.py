@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import gc
 import os
 import sys
@@ -47,15 +46,20 @@ class _Unit:
     outputs: tuple[TensorInfo, ...]
 
 
-def _load_libc() -> Any:
+@functools.cache
+def _libc() -> Any:
+    """glibc through ctypes, loaded on first use (streaming only): importing ctypes and finding the
+    library cost a cold start tens of milliseconds that a resident run never needs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl without it, Windows)
+    except OSError:  # not glibc (musl without it)
         return None
-
-
-_LIBC = _load_libc() if sys.platform.startswith("linux") else None
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -69,9 +73,10 @@ def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
     stage's weights land beside them: the resident set creeps up to ~1.5x the largest stage.
     Pinning the threshold keeps it at one stage plus one tensor. Process-wide; Linux/glibc only.
     """
-    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
 def release_free_memory() -> None:
@@ -81,8 +86,9 @@ def release_free_memory() -> None:
     a trim the resident set of a streaming run grows with every stage instead of staying near
     the largest one.
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _ORT_DTYPES = {

@@ -73,6 +73,13 @@ def build_runtime_wheel(dest: Path, source: Path = RUNTIME_SOURCE) -> Path:
             "in a clone with `pip wheel --no-deps ./runtime` and pass it with --runtime-wheel FILE"
         )
     with tempfile.TemporaryDirectory(prefix="rlhf-wheel-") as tmp:
+        # built from a copy: setuptools leaves build/ and *.egg-info in the source tree, and a stale
+        # build/lib (a module since removed) would end up in the next wheel
+        src = Path(tmp) / "src"
+        shutil.copytree(
+            source, src, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+        )
+        source = src
         # --no-build-isolation: setuptools from this environment, so building needs no index
         _pip(
             ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp, str(source)],
