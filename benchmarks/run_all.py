@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer,coldstart]
 
 Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
 ``--quick``) and shown in the index.
@@ -47,6 +47,10 @@ BENCHES = {
     "transformer": (
         "bench_transformer.py",
         "MiniLM imported as a spec: 3 stages vs fused vs torch, int8, streaming",
+    ),
+    "coldstart": (
+        "bench_coldstart.py",
+        "On the device: time to the first output (digits, MiniLM) vs one onnxruntime session; runtime venv size",
     ),
 }
 DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"

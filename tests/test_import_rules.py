@@ -21,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "toolkit"
 RUNTIME_ROOT = Path(__file__).resolve().parents[1] / "runtime" / "rlhf_runtime"
 RUNTIME_TOP_LEVEL = {"numpy", "onnxruntime", "rlhf_runtime"}  # third-party allowed at module level
-RUNTIME_LAZY = {"tokenizers", "yaml", "ray", "packaging"}  # extras text / yaml / cluster (packaging: used when present): inside functions only
+# the extras text / yaml / cluster, and packaging (used when present): inside functions only
+RUNTIME_LAZY = {"tokenizers", "yaml", "ray", "packaging"}
 
 ORDER = [
     "errors",  # the InputError type; imports nothing

@@ -38,12 +38,12 @@ def test_toolkit_runtime_is_rlhf_runtime() -> None:
     import rlhf_runtime
     import rlhf_runtime.executor
     import rlhf_runtime.manifest
-    import toolkit.runtime.executor
-    from toolkit.runtime.manifest import read_manifest
 
     import toolkit.errors
     import toolkit.fsio
     import toolkit.runtime
+    import toolkit.runtime.executor
+    from toolkit.runtime.manifest import read_manifest
 
     assert toolkit.runtime is rlhf_runtime
     assert toolkit.runtime.executor is rlhf_runtime.executor
