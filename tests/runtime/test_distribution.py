@@ -274,6 +274,36 @@ def test_bundle_command_user_errors(default_export: Fixture, bundle: Path, tmp_p
     assert not (tmp_path / "b.tar.gz").exists() and not list(tmp_path.glob(".b.tar.gz*"))
 
 
+@pytest.mark.slow
+def test_export_with_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from toolkit.builder import build_model
+    from toolkit.checkpoint import save_checkpoint
+    from toolkit.export.bundle import unpack_bundle
+    from toolkit.spec import load_spec
+
+    spec = load_spec(ROOT / "graphs" / "default.yaml")
+    model = build_model(spec, seed=3)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpts", "best-00000001", model, model.to_spec().resolved(), {"step": 1}
+    )
+    out, archive = tmp_path / "export", tmp_path / "b.tar.gz"
+    res = CliRunner().invoke(
+        rlhf, ["export", str(ckpt), "-o", str(out), "--samples", "16", "--bundle", "x.zip"]
+    )
+    assert res.exit_code == 2 and "--bundle x.zip: expected a .tar.gz path" in res.output
+    assert not out.exists()  # refused before exporting
+    res = CliRunner().invoke(
+        rlhf, ["export", str(ckpt), "-o", str(out), "--samples", "16", "--bundle", str(archive)]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"wrote {archive}" in res.output and "sha256" in res.output
+    root = unpack_bundle(archive, tmp_path / "unpacked")
+    for f in out.iterdir():
+        assert (root / "export" / f.name).read_bytes() == f.read_bytes()
+    code, text, err = _rlhf_run(capsys, "verify", root)
+    assert code == 0 and text.strip().endswith(f"ok: {root}"), err
+
+
 # -- the wheel in a clean venv ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clean_venv(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

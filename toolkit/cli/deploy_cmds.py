@@ -104,6 +104,8 @@ def export(
 
     if samples < 2:
         raise InputError(f"--samples: expected at least 2, got {samples}")
+    if bundle_path is not None and not bundle_path.name.endswith(".tar.gz"):
+        raise InputError(f"--bundle {bundle_path}: expected a .tar.gz path")
     model, spec, meta = load_model(source)
     text = meta.get("text")
     if text is not None:  # a text model (rlhf import): real sentences through its own tokenizer
@@ -147,8 +149,6 @@ def export(
 def _write_bundle(export_dir: Path, out: Path, **kwargs: Any) -> None:
     from toolkit.export.bundle import write_bundle
 
-    if not out.name.endswith(".tar.gz"):
-        raise InputError(f"--bundle / -o {out}: expected a .tar.gz path")
     digest = write_bundle(export_dir, out, **kwargs)
     size = out.stat().st_size
     click.echo(f"wrote {out} ({size / 2**20:.1f} MiB, sha256 {digest})")
