@@ -260,6 +260,36 @@ def test_bundle_bad_input_exit_2(unpacked: Path, capsys: pytest.CaptureFixture[s
     del runtime_wheel
 
 
+@pytest.mark.parametrize("with_packaging", [True, False])
+def test_wheel_tags_against_this_interpreter(with_packaging: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """packaging.tags when importable, else the small standard-library check: same verdicts."""
+    import platform
+
+    from rlhf_runtime import bundle as b
+    from rlhf_runtime.errors import InputError
+
+    if not with_packaging:
+        monkeypatch.setattr(b, "_interpreter_tags", lambda: None)
+    here = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    machine = platform.machine()
+    for ok in (
+        "rlhf_runtime-0.1.0-py3-none-any.whl",
+        f"numpy-2.4.6-{here}-{here}-manylinux_2_27_{machine}.manylinux_2_28_{machine}.whl",
+        f"protobuf-7.36.2-cp310-abi3-manylinux2014_{machine}.whl",
+    ):
+        b.check_wheel(Path(ok))
+    other_machine = "aarch64" if machine != "aarch64" else "x86_64"
+    for bad, why in (
+        (f"numpy-2.4.6-cp39-cp39-manylinux_2_28_{machine}.whl", "built for cp39-cp39-"),
+        (f"numpy-2.4.6-{here}-{here}-manylinux_2_28_{other_machine}.whl", other_machine),
+        (f"numpy-2.4.6-{here}-{here}-win_amd64.whl", "win_amd64"),
+    ):
+        with pytest.raises(InputError, match=why):
+            b.check_wheel(Path(bad))
+    with pytest.raises(InputError, match="expected a wheel name"):
+        b.check_wheel(Path("numpy.whl"))
+
+
 def test_bundle_command_user_errors(default_export: Fixture, bundle: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(rlhf, ["bundle", str(default_export[0]), "-o", str(tmp_path / "b.zip")])
     assert res.exit_code == 2 and "expected a .tar.gz path" in res.output

@@ -190,6 +190,7 @@ def main(**ceilings: int | None) -> None:
       rlhf export runs/<name> -o export/    one ONNX file per stage + manifest.json
       rlhf run export/ --input x.npy -o y.npy
       rlhf bench export/
+      rlhf bundle export/ -o export.tar.gz  offline bundle for a device (runs there with rlhf-run)
     """
     from toolkit.limits import LIMITS
 
