@@ -10,7 +10,12 @@ The manifest is written by ``toolkit.export``; its layout (format version 1)::
                            "int8": {...}},                                   # optional variants
                  "parity": {"max_abs": ..., "max_rel": ...}}],
      "fused": {"files": {"fp32": {...}}, "parity": {...}},
-     "parity": {...}, "quantization": {...} | null, "optimization": null | "basic"}
+     "parity": {...}, "quantization": {...} | null, "optimization": null | "basic",
+     "providers": "cpu" | "cuda" | ["CUDAExecutionProvider", ...]}          # optional
+
+A manifest of a newer ``version`` than ``VERSION`` is refused with "upgrade rlhf-runtime"; the
+optional ``providers`` is what ``Executor(providers="auto")`` uses, checked against this
+onnxruntime build (``session.manifest_providers``).
 
 Every file path is relative to the export directory; a path that is absolute, climbs out with
 ``..`` or resolves (through symlinks) outside the directory is refused before anything is read.
