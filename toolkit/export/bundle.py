@@ -60,6 +60,14 @@ def _pip(args: list[str], what: str, timeout: float = 600) -> None:
         raise InputError(f"{what}: {last}")
 
 
+def _setuptools_builds_wheels() -> bool:
+    try:
+        major, minor = (int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (70, 1)
+
+
 def build_runtime_wheel(dest: Path, source: Path = RUNTIME_SOURCE) -> Path:
     """``pip wheel --no-deps`` of the runtime distribution (``runtime/`` of this repository) into ``dest``.
 
@@ -80,9 +88,12 @@ def build_runtime_wheel(dest: Path, source: Path = RUNTIME_SOURCE) -> Path:
             source, src, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", "*.pyc")
         )
         source = src
-        # --no-build-isolation: setuptools from this environment, so building needs no index
+        # setuptools of this environment when it can build wheels alone (>= 70.1: no `wheel`
+        # package needed), so no index is needed; else (venvs of Python >= 3.12 come without it)
+        # pip's isolated build fetches setuptools from the index
+        isolation = ["--no-build-isolation"] if _setuptools_builds_wheels() else []
         _pip(
-            ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp, str(source)],
+            ["wheel", "--no-deps", *isolation, "-q", "-w", tmp, str(source)],
             "building the runtime wheel",
         )
         built = sorted(Path(tmp).glob("rlhf_runtime-*.whl"))
