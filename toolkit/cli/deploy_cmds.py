@@ -213,8 +213,10 @@ def run(
 ) -> None:
     """Run an export directory with onnxruntime on an input file; write the outputs.
 
-    With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"); a
-    classifier (manifest key "labels") prints one JSON line per text with its label and scores.
+    With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"),
+    truncated at its max_length (the count of truncated texts is printed on stderr); a classifier
+    (manifest key "labels") prints one JSON line per text with its label and scores. Token ids
+    outside the vocabulary or sequences longer than the model's context are refused (exit 2).
     """
     from toolkit.errors import InputError
     from toolkit.runtime import Executor, SessionConfig
@@ -227,12 +229,25 @@ def run(
         texts = rt.read_lines(text_path)
         ex0 = Executor(export_dir, providers="cpu", variant=variant, fused=fused,
                        session_options=SessionConfig(intra_op_threads=threads))  # fmt: skip
+        cap = (
+            ex0.manifest.raw["text"]["max_length"] if isinstance(ex0.manifest.raw.get("text"), dict) else None
+        )
+
+        def report(n: int) -> None:  # on stderr: stdout stays one JSON line per text
+            if n:
+                click.echo(
+                    f"{n} of {len(texts)} texts were longer than {cap} tokens and were truncated", err=True
+                )
+
         if "labels" in ex0.manifest.raw and out is None:
-            click.echo(rt.dumps(rt.classify_texts(export_dir, texts, threads, executor=ex0)))
+            rows, truncated = rt.classify_texts_counted(export_dir, texts, threads, executor=ex0)
+            click.echo(rt.dumps(rows))
+            report(truncated)
             return
-        outputs_t, _ = rt.run_texts(ex0, export_dir, texts)
         if out is None:
             raise InputError("rlhf run --text: the export has no labels: expected -o OUT.npz for its outputs")
+        outputs_t, truncated = rt.run_texts(ex0, export_dir, texts)
+        report(truncated)
         np.savez(out, **outputs_t)  # type: ignore[arg-type]
         click.echo(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs_t.items()))
         return
