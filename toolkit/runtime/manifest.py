@@ -10,7 +10,8 @@ The manifest is written by ``toolkit.export``; its layout (format version 1)::
                            "int8": {...}},                                   # optional variants
                  "parity": {"max_abs": ..., "max_rel": ...}}],
      "fused": {"files": {"fp32": {...}}, "parity": {...}},
-     "parity": {...}, "quantization": {...} | null, "optimization": null | "basic"}
+     "parity": {...}, "quantization": {...} | null, "optimization": null | "basic",
+     "text": {...}}                   # text models only: tokenizer and limits (toolkit.runtime.text)
 
 Every file path is relative to the export directory; a path that is absolute, climbs out with
 ``..`` or resolves (through symlinks) outside the directory is refused before anything is read.
