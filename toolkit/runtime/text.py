@@ -294,6 +294,18 @@ class TextLimits:
     type_vocab_size: int | None
     max_positions: int | None
 
+    def check_length(self, length: int, what: str = "prompt") -> None:
+        """Refuse ``length`` tokens (a prompt plus what generation will add) past the context.
+
+        Raises:
+            InputError: one line with the length and the limit.
+        """
+        if self.max_positions is not None and length > self.max_positions:
+            raise InputError(
+                f"{what}: {length} tokens: expected at most {self.max_positions}, the model's context "
+                f"({self.where} text.max_positions)"
+            )
+
     def check(self, inputs: Any) -> None:
         """Check ``inputs`` (name -> int array, batch first, sequence second).
 
