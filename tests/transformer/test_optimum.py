@@ -179,3 +179,66 @@ def test_cli_run_text_truncates_long_texts_and_reports(exports: dict[str, Path],
     assert "2 of 3 texts were longer than 128 tokens and were truncated" in res.stderr
     with np.load(tmp_path / "h.npz") as z:
         assert z["last_hidden_state"].shape == (3, 128, 384)
+
+
+def test_export_without_hf_config_gets_one_from_the_spec(tmp_path: Path, optimum_check) -> None:
+    """A text checkpoint without the source's config.json (imported before it travelled with the
+    checkpoint, or a hand-written spec with a BERT tokenizer): config.json is made from the spec."""
+    import hashlib
+
+    from toolkit.builder import build_model
+    from toolkit.export import export_model
+    from toolkit.export.text import tokenize
+    from toolkit.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "tiny-text",
+            "inputs": {
+                "input_ids": {"shape": [32], "dtype": "int64", "vocab": 30522},
+                "attention_mask": {"shape": [32], "dtype": "int64", "vocab": 2},
+                "token_type_ids": {"shape": [32], "dtype": "int64", "vocab": 2},
+            },
+            "nodes": [
+                {"id": "word", "op": "embedding", "in": "input_ids", "out": 8},
+                {"id": "types", "op": "embedding", "in": "token_type_ids", "out": 8},
+                {"id": "sum", "op": "add", "in": ["word", "types"]},
+                {"id": "pos", "op": "position_embedding", "in": "sum", "max_len": 40, "kind": "learned"},
+                {"id": "ln", "op": "layer_norm", "in": "pos"},
+                {"id": "q", "op": "linear", "in": "ln", "out": 8, "factorize": {"rank": 2}},
+                {"id": "k", "op": "linear", "in": "ln", "out": 8},
+                {"id": "v", "op": "linear", "in": "ln", "out": 8},
+                {"id": "att", "op": "attention", "in": ["q", "k", "v", "attention_mask"], "heads": 2},
+                {"id": "res", "op": "add", "in": ["ln", "att"]},
+                {"id": "norm", "op": "layer_norm", "in": "res"},
+                {"id": "pool", "op": "masked_mean", "in": ["norm", "attention_mask"]},
+            ],
+            "outputs": ["norm", "pool"],
+            "stages": [["word", "types", "sum", "pos", "ln"], ["q", "k", "v", "att", "res", "norm", "pool"]],
+        }
+    )
+    model = build_model(spec, seed=0)
+    tok_json = (MINILM / "tokenizer.json").read_text(encoding="utf-8")
+    text = {
+        "tokenizer_json": tok_json,
+        "sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
+        "vocab_size": 30522,
+        "max_length": 32,
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "token_type_ids": "token_type_ids",
+    }
+    out = tmp_path / "tiny"
+    man = export_model(model, out, sample=tokenize(text, _sentences(), 32), text=text)
+    assert (man["text"]["vocab_size"], man["text"]["type_vocab_size"], man["text"]["max_positions"]) == (
+        30522,
+        2,
+        40,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["model_type"] == "bert" and config["hidden_size"] == 8 and config["num_attention_heads"] == 2
+    )
+    assert config["max_position_embeddings"] == 40 and config["num_hidden_layers"] == 1
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    optimum_check(out)

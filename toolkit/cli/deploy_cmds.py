@@ -119,6 +119,11 @@ def export(
         f"exported {len(manifest['stages'])} stages of {manifest['name']} to {out} "
         f"(end-to-end max abs error vs torch {par['max_abs']:.2e} on {manifest['parity']['samples']} samples)"
     )
+    if text is not None:
+        click.echo(
+            "text model: tokenizer.json + manifest text entry; also loads with optimum "
+            f"(ORTModelForFeatureExtraction.from_pretrained('{out}'): model.onnx, config.json)"
+        )
     q = manifest.get("quantization")
     if q:
         e2e = q["end_to_end"]

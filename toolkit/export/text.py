@@ -228,12 +228,14 @@ def optimum_layout(tmp: Path, manifest: dict[str, Any], text: Mapping[str, Any],
     if fused["file"] != HF_MODEL_FILE:
         os.replace(tmp / fused["file"], tmp / HF_MODEL_FILE)
         fused["file"] = HF_MODEL_FILE
-    d = int(outs[0]["shape"][-1])
+    d = (per_token or outs)[0]["shape"][-1]  # the model width (None only for a dynamic last axis)
     limits = manifest["text"]
     config = dict(text.get("hf_config") or {})
     if not config:  # a checkpoint imported before the config travelled with it: sizes from the spec
         att = [n for n in spec.nodes if n.op == "attention"] if spec is not None else []
-        config = {"model_type": "bert", "hidden_size": d, "num_hidden_layers": len(att)}
+        config = {"model_type": "bert", "num_hidden_layers": len(att)}
+        if isinstance(d, int):
+            config["hidden_size"] = d
         if att:
             config["num_attention_heads"] = int(att[0].param("heads"))
     config.update(
