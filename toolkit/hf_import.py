@@ -197,6 +197,17 @@ def _weight_map(n_layers: int) -> dict[str, str]:
     return out
 
 
+def _json_file(path: Path) -> dict[str, Any] | None:
+    """A small JSON object file of the tokenizer (None when absent or not a JSON object)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{path}: expected JSON, got invalid text") from None
+    return doc if isinstance(doc, dict) else None
+
+
 def _text_meta(source: Path, max_length: int) -> dict[str, Any]:
     tok = source / "tokenizer.json"
     if not tok.is_file():
@@ -259,6 +270,14 @@ def import_bert(
         seq = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.is_file() else None
         max_length = int(seq) if isinstance(seq, int) else int(cfg.get("max_position_embeddings", 512))
     text = _text_meta(src, max_length)
+    text["hf_config"] = cfg  # optimum / transformers read config.json from every export
+    for fname, key in (
+        ("tokenizer_config.json", "tokenizer_config"),
+        ("special_tokens_map.json", "special_tokens_map"),
+    ):
+        doc = _json_file(src / fname)
+        if doc is not None:
+            text[key] = doc
     if text["vocab_size"] != cfg["vocab_size"]:
         raise InputError(
             f"{src / 'tokenizer.json'}: expected a vocabulary of {cfg['vocab_size']} (config.json vocab_size), "

@@ -95,6 +95,7 @@ def _dispatch(args: argparse.Namespace) -> list[str]:
             memory_budget=args.memory_budget,
             threads=args.threads,
             prog="rlhf-run run",
+            warn=lambda message: print(message, file=sys.stderr),
         )
     if args.command == "bench":
         from rlhf_runtime.commands import bench_json, bench_rows, bench_table

@@ -105,12 +105,15 @@ def run_export(
     memory_budget: int | None = None,
     threads: int = 0,
     prog: str = "run",
+    warn: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Run an export on an input file (or a text file), write the outputs; the lines to print.
 
     With ``text_path``, texts are tokenized with the export's tokenizer.json (manifest key
-    "text"); a classifier (manifest key "labels") without ``out`` gives one JSON line per text with
-    its label and scores.
+    "text") and truncated at its ``max_length``, the count of truncated texts passed to ``warn``
+    (stderr: stdout stays one JSON line per text); a classifier (manifest key "labels") without
+    ``out`` gives one JSON line per text with its label and scores. Token ids outside the
+    vocabulary or sequences longer than the model's context are refused (InputError).
     """
     from rlhf_runtime.executor import Executor
     from rlhf_runtime.session import SessionConfig
@@ -123,11 +126,21 @@ def run_export(
 
         texts = rt.read_lines(text_path)
         ex0 = Executor(export_dir, providers="cpu", variant=variant, fused=fused, session_options=config)
+        text_entry = ex0.manifest.raw.get("text")
+        cap = text_entry.get("max_length") if isinstance(text_entry, dict) else None
+
+        def report(n: int) -> None:
+            if n and warn is not None:
+                warn(f"{n} of {len(texts)} texts were longer than {cap} tokens and were truncated")
+
         if "labels" in ex0.manifest.raw and out is None:
-            return [rt.dumps(rt.classify_texts(export_dir, texts, threads, executor=ex0))]
-        outputs_t, _ = rt.run_texts(ex0, export_dir, texts)
+            rows, truncated = rt.classify_texts_counted(export_dir, texts, threads, executor=ex0)
+            report(truncated)
+            return [rt.dumps(rows)]
         if out is None:
             raise InputError(f"{prog} --text: the export has no labels: expected -o OUT.npz for its outputs")
+        outputs_t, truncated = rt.run_texts(ex0, export_dir, texts)
+        report(truncated)
         np.savez(out, **outputs_t)  # type: ignore[arg-type]
         return [f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs_t.items())]
     if out is None or input_path is None:

@@ -34,6 +34,7 @@ from rlhf_runtime.session import (
     resolve_providers,
     run_bound,
 )
+from rlhf_runtime.text import text_limits
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class Executor:
         self.load_from = ("path" if self.streaming else "bytes") if load_from == "auto" else load_from
         self._plan = self._make_plan()
         self._expect = [(t.name, np.dtype(t.dtype), t.shape) for t in self.manifest.inputs]
+        self._text_limits = text_limits(self.manifest.raw, str(self.export_dir / "manifest.json"))
         tensors = [t for u in self.units for t in (*u.inputs, *u.outputs)]
         self._fixed_shapes = all(d is not None for t in tensors for d in t.shape[1:])
         if self.streaming:
@@ -412,9 +414,13 @@ class Executor:
             Graph output name -> numpy array.
 
         Raises:
-            TypeError, ValueError: malformed inputs (see ``check_inputs``).
+            TypeError, ValueError: malformed inputs (see ``check_inputs``); for a text export
+                (manifest ``text`` with limits), token ids outside the vocabulary or a sequence
+                longer than the model's context (InputError, ``toolkit.runtime.text.TextLimits``).
         """
         batch = self.check_inputs(inputs)
+        if self._text_limits is not None:  # token ids and lengths the model can index
+            self._text_limits.check(inputs)
         if self._sessions is not None and not self.io_binding and self._fixed_shapes:
             return self._run_bound_cpu(inputs, batch)
         env: dict[str, Any] = dict(inputs)

@@ -11,6 +11,7 @@ The manifest is written by ``toolkit.export``; its layout (format version 1)::
                  "parity": {"max_abs": ..., "max_rel": ...}}],
      "fused": {"files": {"fp32": {...}}, "parity": {...}},
      "parity": {...}, "quantization": {...} | null, "optimization": null | "basic",
+     "text": {...},                  # text models only: tokenizer and limits (rlhf_runtime.text)
      "providers": "cpu" | "cuda" | ["CUDAExecutionProvider", ...]}          # optional
 
 A manifest of a newer ``version`` than ``VERSION`` is refused with "upgrade rlhf-runtime"; the

@@ -36,6 +36,7 @@ from rlhf_runtime.errors import InputError
 from rlhf_runtime.manifest import read_manifest
 from rlhf_runtime.placement import Placement, check_placement, load_placement
 from rlhf_runtime.stage_worker import StageWorker
+from rlhf_runtime.text import text_limits
 
 RESOURCE_PREFIX = "device:"
 
@@ -100,6 +101,7 @@ class Pipeline:
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
+        self._text_limits = text_limits(self.manifest.raw, str(self.export_dir / "manifest.json"))
         self.placement = placement if isinstance(placement, Placement) else load_placement(placement)
         check_placement(self.placement, self.export_dir, self.manifest)
         if max_in_flight is not None and max_in_flight < 1:
@@ -212,6 +214,11 @@ class Pipeline:
         if not isinstance(inputs, Mapping) or sorted(inputs) != sorted(self.input_names):
             got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
             raise InputError(f"request {rid}: expected arrays for inputs {self.input_names}, got {got}")
+        if self._text_limits is not None:
+            try:
+                self._text_limits.check(inputs)
+            except InputError as exc:
+                raise InputError(f"request {rid}: {exc}") from None
 
     def _submit(self, rid: int, inputs_ref: Any) -> tuple[Any, list[Any]]:
         ref, timings = inputs_ref, []

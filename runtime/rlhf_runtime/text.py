@@ -4,7 +4,12 @@ An export that takes text carries its Hugging Face fast-tokenizer file and, in `
 top-level ``"text"`` entry::
 
     "text": {"tokenizer": "tokenizer.json", "sha256": "<hex>", "max_length": 64,
-             "input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": null}
+             "input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": null,
+             "vocab_size": 30522, "type_vocab_size": 2, "max_positions": 512}
+
+(the three limits may be null or absent in exports written before they existed). ``TextLimits``
+refuses token ids outside the vocabulary and sequences longer than ``max_positions`` before
+onnxruntime sees them; the ``Executor`` applies it to every run of a text export.
 
 ``TextEncoder`` turns a list of strings into the model's int64 inputs (padded to the longest text,
 truncated at ``max_length`` with the count of truncated texts kept); ``classify_texts`` runs an
@@ -208,6 +213,13 @@ def classify_texts(
     Raises:
         InputError: the export has no ``labels`` or its output is not (B, len(labels)).
     """
+    return classify_texts_counted(export_dir, texts, threads, executor)[0]
+
+
+def classify_texts_counted(
+    export_dir: str | Path, texts: Sequence[str], threads: int = 0, executor: Any = None
+) -> tuple[list[dict[str, Any]], int]:
+    """``classify_texts`` and the number of texts truncated at the export's ``max_length``."""
     from rlhf_runtime import Executor, SessionConfig
 
     ex = executor or Executor(
@@ -218,15 +230,19 @@ def classify_texts(
         raise InputError(
             f"{Path(export_dir) / 'manifest.json'}: labels: expected a list of label names, got {labels!r}"
         )
-    outputs, _ = run_texts(ex, export_dir, texts)
+    outputs, truncated = run_texts(ex, export_dir, texts)
     logits = next(iter(outputs.values()))
     if logits.ndim != 2 or logits.shape[1] != len(labels):
         raise InputError(f"{export_dir}: expected outputs (batch, {len(labels)}), got {logits.shape}")
     probs = softmax(logits)
-    return [
+    rows = [
         {"text": t, "label": labels[int(p.argmax())], "scores": {lab: float(s) for lab, s in zip(labels, p)}}
         for t, p in zip(texts, probs)
     ]
+    return rows, truncated
+
+
+LIMIT_KEYS = ("vocab_size", "type_vocab_size", "max_positions")
 
 
 def tokenizer_entry(
@@ -235,8 +251,22 @@ def tokenizer_entry(
     input_ids: str = "input_ids",
     attention_mask: str | None = "attention_mask",
     token_type_ids: str | None = None,
+    *,
+    vocab_size: int | None = None,
+    type_vocab_size: int | None = None,
+    max_positions: int | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``"text"`` entry for a tokenizer file written into an export."""
+    """The manifest's ``"text"`` entry for a tokenizer file written into an export (the one
+    builder of it: the spec exporter and the classifier export both call it).
+
+    Args:
+        path: the tokenizer.json written into the export (hashed here).
+        max_length: the token cap texts are truncated to.
+        input_ids, attention_mask, token_type_ids: the model's input names (None: not an input).
+        vocab_size: rows of the embedding ``input_ids`` index (ids must be below it).
+        type_vocab_size: rows of the token-type embedding (``token_type_ids`` below it).
+        max_positions: the model's context: the longest sequence its position table covers.
+    """
     p = Path(path)
     return {
         "tokenizer": p.name,
@@ -245,7 +275,93 @@ def tokenizer_entry(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "token_type_ids": token_type_ids,
+        "vocab_size": None if vocab_size is None else int(vocab_size),
+        "type_vocab_size": None if type_vocab_size is None else int(type_vocab_size),
+        "max_positions": None if max_positions is None else int(max_positions),
     }
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """Run-time checks of token inputs against what the model can index, so that onnxruntime never
+    sees an id past its embedding table or a sequence past its position table (it would fail with
+    an opaque Gather error, or read out of range on some providers)."""
+
+    where: str
+    input_ids: str
+    vocab_size: int | None
+    token_type_ids: str | None
+    type_vocab_size: int | None
+    max_positions: int | None
+
+    def check_length(self, length: int, what: str = "prompt") -> None:
+        """Refuse ``length`` tokens (a prompt plus what generation will add) past the context.
+
+        Raises:
+            InputError: one line with the length and the limit.
+        """
+        if self.max_positions is not None and length > self.max_positions:
+            raise InputError(
+                f"{what}: {length} tokens: expected at most {self.max_positions}, the model's context "
+                f"({self.where} text.max_positions)"
+            )
+
+    def check(self, inputs: Any) -> None:
+        """Check ``inputs`` (name -> int array, batch first, sequence second).
+
+        Raises:
+            InputError: one line naming the input, the offending value and position, and the limit.
+        """
+        ids = inputs.get(self.input_ids)
+        limit = self.max_positions
+        if limit is not None and isinstance(ids, np.ndarray) and ids.ndim >= 2 and ids.shape[1] > limit:
+            raise InputError(
+                f"input {self.input_ids!r}: sequence of {ids.shape[1]} tokens (axis 1): expected at most "
+                f"{limit}, the model's context ({self.where} text.max_positions)"
+            )
+        for name, size, key in (
+            (self.input_ids, self.vocab_size, "vocab_size"),
+            (self.token_type_ids, self.type_vocab_size, "type_vocab_size"),
+        ):
+            a = inputs.get(name) if name is not None else None
+            if size is None or not isinstance(a, np.ndarray) or a.size == 0:
+                continue
+            lo, hi = a.min(), a.max()
+            if lo >= 0 and hi < size:
+                continue
+            bad = lo if lo < 0 else hi
+            pos = [int(i) for i in np.argwhere(a == bad)[0]]
+            raise InputError(
+                f"input {name!r}: token id {int(bad)} at position {pos}: expected 0..{size - 1} "
+                f"({self.where} text.{key} {size})"
+            )
+
+
+def text_limits(manifest: Any, where: str = "manifest.json") -> TextLimits | None:
+    """The ``TextLimits`` a manifest's ``"text"`` entry states (None: no text entry, or no limits).
+
+    Raises:
+        InputError: a limit that is not a positive integer or null.
+    """
+    t = manifest.get("text") if isinstance(manifest, dict) else None
+    if not isinstance(t, dict):
+        return None
+    vals: dict[str, int | None] = {}
+    for key in LIMIT_KEYS:
+        v = t.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{where}: text.{key}: expected a positive integer or null, got {v!r}")
+        vals[key] = v
+    if all(v is None for v in vals.values()):
+        return None
+    return TextLimits(
+        where,
+        str(t.get("input_ids") or "input_ids"),
+        vals["vocab_size"],
+        t.get("token_type_ids"),
+        vals["type_vocab_size"],
+        vals["max_positions"],
+    )
 
 
 def dumps(doc: Any) -> str:

@@ -173,8 +173,12 @@ def test_export_stages_text_convention_and_dynamic_sequence(
         "input_ids": "input_ids",
         "attention_mask": "attention_mask",
         "token_type_ids": "token_type_ids",
+        "vocab_size": 30522,
+        "type_vocab_size": 2,
+        "max_positions": 512,
     }
     assert all(t["shape"] == [None, None] for t in man["inputs"])
+    assert [t["name"] for t in man["outputs"]] == ["last_hidden_state", "pool"]  # optimum's name
     # sentences of other lengths than the export's sample, tokenized without torch
     from toolkit.factorize.corpus import python_reference_sentences
 
@@ -191,12 +195,25 @@ def test_export_stages_text_convention_and_dynamic_sequence(
 
 
 @pytest.mark.slow
+def test_export_loads_in_optimum(exported: dict[str, Any], optimum_check: Any) -> None:
+    optimum_check(exported["dir"])  # model.onnx is found beside the int8 files
+
+
+@pytest.mark.slow
 def test_int8_per_stage_files_are_smaller(exported: dict[str, Any]) -> None:
     q = exported["manifest"]["quantization"]
     assert q["end_to_end"]["size_ratio"] <= 0.30
     assert all(
         (exported["dir"] / s["files"]["int8"]["file"]).is_file() for s in exported["manifest"]["stages"]
     )
+    # the per-token output was renamed in the int8 files too: their sessions match the manifest
+    from toolkit.runtime import Executor
+
+    ids = np.array([[101, 2023, 2003, 102]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    for fused in (False, True):
+        out = Executor(exported["dir"], providers="cpu", variant="int8", fused=fused).run(feeds)
+        assert out["last_hidden_state"].shape == (1, 4, 384)
 
 
 @pytest.mark.slow

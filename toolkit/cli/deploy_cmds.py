@@ -133,6 +133,11 @@ def export(
         f"exported {len(manifest['stages'])} stages of {manifest['name']} to {out} "
         f"(end-to-end max abs error vs torch {par['max_abs']:.2e} on {manifest['parity']['samples']} samples)"
     )
+    if text is not None:
+        click.echo(
+            "text model: tokenizer.json + manifest text entry; also loads with optimum "
+            f"(ORTModelForFeatureExtraction.from_pretrained('{out}'): model.onnx, config.json)"
+        )
     q = manifest.get("quantization")
     if q:
         e2e = q["end_to_end"]
@@ -231,7 +236,11 @@ def bundle(
     help=".npy (one output) or .npz (required unless --text on a classifier)",
 )
 @click.option("--variant", default="fp32", show_default=True, help="fp32 or int8 (when exported).")
-@click.option("--fused", is_flag=True, help="Run fused.onnx instead of the stages.")
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="Run the fused file (fused.onnx; model.onnx in text exports) instead of the stages.",
+)
 @click.option(
     "--providers", default="auto", show_default=True, help="auto, cpu, cuda or comma-separated names."
 )
@@ -254,8 +263,10 @@ def run(
 ) -> None:
     """Run an export directory with onnxruntime on an input file; write the outputs.
 
-    With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"); a
-    classifier (manifest key "labels") prints one JSON line per text with its label and scores.
+    With --text, texts are tokenized with the export's tokenizer.json (manifest key "text"),
+    truncated at its max_length (the count of truncated texts is printed on stderr); a classifier
+    (manifest key "labels") prints one JSON line per text with its label and scores. Token ids
+    outside the vocabulary or sequences longer than the model's context are refused (exit 2).
     The device command ``rlhf-run run`` (rlhf-runtime, no torch) does the very same.
     """
     from rlhf_runtime.commands import run_export
@@ -271,6 +282,7 @@ def run(
         memory_budget=memory_budget,
         threads=threads,
         prog="rlhf run",
+        warn=lambda message: click.echo(message, err=True),
     )
     for line in lines:
         click.echo(line)

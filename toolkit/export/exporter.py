@@ -165,7 +165,7 @@ def export_model(
     selection_targets: np.ndarray | None = None,
     text: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export a staged model: one ONNX file per stage, fused.onnx, manifest.json.
+    """Export a staged model: one ONNX file per stage, fused.onnx (model.onnx for text), manifest.json.
 
     Every file is checked (onnx.checker, strict shape inference) and run with onnxruntime on
     ``sample``; the errors against torch are recorded per stage, for the fused file and end to end
@@ -192,8 +192,9 @@ def export_model(
             ``selection_targets`` its labels; ``sample``/``targets`` (the test split) then only
             report the chosen setting. None: chosen on ``sample`` itself (the report says so).
         text: a text model's tokenizer metadata (a checkpoint's ``meta["text"]``, see
-            toolkit.export.text): ``tokenizer.json`` is written beside the ONNX files and the
-            manifest gets a ``text`` entry.
+            toolkit.export.text): ``tokenizer.json`` is written beside the ONNX files, the
+            manifest gets a ``text`` entry, and the export is also laid out for optimum /
+            transformers (fused file as ``model.onnx``, ``config.json``, tokenizer files).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -240,11 +241,10 @@ def export_model(
         )
         manifest["source"] = source
         if text is not None:
-            from toolkit.export.text import TOKENIZER_FILE, check_text_meta, manifest_text
+            from toolkit.export.text import check_text_meta, write_text_export
 
             check_text_meta(text, list(staged.input_names), "text")
-            _write(tmp, TOKENIZER_FILE, str(text["tokenizer_json"]).encode("utf-8"))
-            manifest["text"] = manifest_text(text)
+            write_text_export(tmp, manifest, text, getattr(staged, "spec", None))
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()
         _write(tmp, "manifest.json", data)
         _finalize(tmp, out, overwrite)

@@ -485,6 +485,26 @@ def _write_sweep(run: Path, out: dict[str, Any]) -> None:
     atomic_write_bytes(run / "sweep.png", buf.getvalue())
 
 
+def hf_classifier_files(out: Path, names: Sequence[str], max_length: int) -> None:
+    """Make a classifier export loadable by ``optimum.onnxruntime.ORTModelForSequenceClassification``
+    and ``transformers.pipeline("text-classification")``: ``config.json`` gets the label names
+    (``id2label`` / ``label2id``, single-label problem) and ``tokenizer_config.json`` truncates at
+    the export's token cap, as the runtime does. ``model.onnx`` (inputs ``input_ids``,
+    ``attention_mask``, output ``logits``) is the file optimum opens."""
+    from toolkit.fsio import atomic_write_bytes
+
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
+    cfg["label2id"] = {n: i for i, n in enumerate(names)}
+    cfg["problem_type"] = "single_label_classification"
+    cfg["architectures"] = ["BertForSequenceClassification"]
+    atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc["model_max_length"] = int(max_length)
+    atomic_write_bytes(tc_path, (json.dumps(tc, indent=2) + "\n").encode())
+
+
 def export_classifier(
     clf: SentenceClassifier,
     tok: Any,
@@ -509,7 +529,17 @@ def export_classifier(
     out = Path(out)
     save_classifier(clf, tok, names, report_json, out, max_length)
     doc = export_text_model(clf, tok, list(sentences)[:8], out, "logits", max_length=max_length, name=name)
-    doc["text"] = tokenizer_entry(out / "tokenizer.json", max_length, "input_ids", "attention_mask", None)
+    cfg: Any = clf.encoder.config  # the transformers config of the encoder
+    doc["text"] = tokenizer_entry(
+        out / "tokenizer.json",
+        max_length,
+        "input_ids",
+        "attention_mask",
+        None,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings,
+    )
     doc["labels"] = list(names)
+    hf_classifier_files(out, names, max_length)
     atomic_write_bytes(out / "manifest.json", (json.dumps(doc, indent=2) + "\n").encode())
     return doc
