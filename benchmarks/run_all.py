@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer,generate]
 
 Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
 ``--quick``) and shown in the index.
@@ -47,6 +47,10 @@ BENCHES = {
     "transformer": (
         "bench_transformer.py",
         "MiniLM imported as a spec: 3 stages vs fused vs torch, int8, streaming",
+    ),
+    "generate": (
+        "bench_generate.py",
+        "Byte-level causal LM: generation with the key/value cache vs recomputing the prefix, greedy parity",
     ),
 }
 DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"

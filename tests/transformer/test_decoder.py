@@ -143,7 +143,10 @@ def test_kv_cache_export_matches_float64_full_sequence(lm_export) -> None:
     man = json.loads((out / "manifest.json").read_text())
     lm = man["causal_lm"]
     assert lm["context"] == CONTEXT and lm["vocab"] == 256 and lm["layers"] == 2
-    assert [s["past"] for s in lm["stages"]] == [["past_key_0", "past_value_0"], ["past_key_1", "past_value_1"]]
+    assert [s["past"] for s in lm["stages"]] == [
+        ["past_key_0", "past_value_0"],
+        ["past_key_1", "past_value_1"],
+    ]
     assert lm["parity"]["ok"] and lm["parity"]["max_abs"] < 1e-4  # recorded at export
     # again here, by hand: 5 prompt tokens, then one at a time, against float64 torch, no cache
     gen = Generator(out)

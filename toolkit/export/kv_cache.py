@@ -324,7 +324,7 @@ def cached_parity(
             f"key/value-cache export: parity check failed, max abs error {p.max_abs:.3g} of the cached "
             f"stages against the float64 full-sequence logits: expected <= atol {atol} + rtol {rtol} x scale"
         )
-    out = p.to_dict()
+    out: dict[str, Any] = dict(p.to_dict())
     out.update({"tokens": int(ids.shape[1]), "prompt": first, "reference": "torch float64, full sequence"})
     return out
 
