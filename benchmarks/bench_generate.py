@@ -105,6 +105,10 @@ def main() -> int:
             max_steps=5 if args.quick else args.steps,
         )
         train_info = {"run": str(run), "steps": res.steps, "seconds": time.perf_counter() - t0}
+    summary = Path(run) / "summary.json"
+    if args.run is not None and summary.is_file():  # what the given run recorded about its training
+        done = json.loads(summary.read_text())
+        train_info.update({k: done.get(k) for k in ("steps", "seconds", "best_val_loss", "status")})
     model, spec, meta = load_model(run)
     model = model.float().eval()
     context = spec.inputs["tokens"].shape[0]
