@@ -4,7 +4,7 @@ Each benchmark script measures its own comparison in one process and writes
 docs/benchmarks/<name>.md (and plots); this driver runs them one after another so they do not
 compete for the CPU, and collects their reports into one page.
 
-Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer,coldstart]
+Usage: python benchmarks/run_all.py [--quick] [--only optim,runtime,factorize,layerwise,pipeline,finetune,transformer,coldstart,generate]
 
 Each script's duration is recorded in docs/benchmarks/durations.json (runs/bench-quick/ with
 ``--quick``) and shown in the index.
@@ -51,6 +51,10 @@ BENCHES = {
     "coldstart": (
         "bench_coldstart.py",
         "On the device: time to the first output (digits, MiniLM) vs one onnxruntime session; runtime venv size",
+    ),
+    "generate": (
+        "bench_generate.py",
+        "Byte-level causal LM: generation with the key/value cache vs recomputing the prefix, greedy parity",
     ),
 }
 DURATIONS = ROOT / "docs" / "benchmarks" / "durations.json"

@@ -25,14 +25,18 @@ _LAZY = {
     "sha256_file": "rlhf_runtime.manifest",
     "SessionConfig": "rlhf_runtime.session",
     "InputError": "rlhf_runtime.errors",
+    "Generator": "rlhf_runtime.generate",
+    "generate": "rlhf_runtime.generate",
 }
 
 __all__ = [
     "Executor",
+    "Generator",
     "InputError",
     "Manifest",
     "SessionConfig",
     "TensorInfo",
+    "generate",
     "read_manifest",
     "safe_path",
     "sha256_file",
@@ -41,6 +45,7 @@ __all__ = [
 if TYPE_CHECKING:
     from rlhf_runtime.errors import InputError
     from rlhf_runtime.executor import Executor
+    from rlhf_runtime.generate import Generator, generate
     from rlhf_runtime.manifest import Manifest, TensorInfo, read_manifest, safe_path, sha256_file
     from rlhf_runtime.session import SessionConfig
 

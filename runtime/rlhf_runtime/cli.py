@@ -1,7 +1,7 @@
-"""``rlhf-run``: the device command of rlhf-runtime (run, bench, verify), no torch.
+"""``rlhf-run``: the device command of rlhf-runtime (run, bench, generate, verify), no torch.
 
 argparse (standard library), not click: the runtime's promise is "numpy + onnxruntime and nothing
-else", and the command needs three subcommands with plain options, which argparse covers; one more
+else", and the command needs four subcommands with plain options, which argparse covers; one more
 dependency on every device (and in every bundle) would buy nothing. The work itself is done by
 ``rlhf_runtime.commands`` and ``rlhf_runtime.bundle``, the same functions ``rlhf run`` / ``rlhf
 bench`` call. Exit codes as ``rlhf``: 0 success; 2 bad input (one ``error:`` line per problem, no
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run rlhf exports with onnxruntime on a device (rlhf-runtime: numpy + onnxruntime, no torch).",
     )
     p.add_argument("--version", action="version", version=f"rlhf-run (rlhf-runtime) {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,verify}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,generate,verify}")
 
     r = sub.add_parser(
         "run", help="Run an export directory on an input file (or a text file); write the outputs."
@@ -73,6 +73,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=0.5, help="time per configuration and batch; default 0.5")
     b.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
 
+    g = sub.add_parser(
+        "generate", help="Continue a prompt with a causal language model export (key/value cache)."
+    )
+    g.add_argument("export_dir", type=Path, metavar="EXPORT")
+    g.add_argument("--prompt", required=True, help="text to continue (byte-level models: any UTF-8 text)")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate; default 128")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0); default 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+    g.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core); default 0")
+    g.add_argument("--json", dest="as_json", action="store_true", help="print a JSON object (tokens, timing)")
+
     v = sub.add_parser(
         "verify", help="Check an unpacked bundle (checksums, wheels for this Python) or an export directory."
     )
@@ -96,6 +109,20 @@ def _dispatch(args: argparse.Namespace) -> list[str]:
             threads=args.threads,
             prog="rlhf-run run",
             warn=lambda message: print(message, file=sys.stderr),
+        )
+    if args.command == "generate":
+        from rlhf_runtime.commands import generate_lines
+
+        return generate_lines(
+            args.export_dir,
+            args.prompt,
+            args.max_tokens,
+            greedy=args.greedy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            threads=args.threads,
+            as_json=args.as_json,
         )
     if args.command == "bench":
         from rlhf_runtime.commands import bench_json, bench_rows, bench_table

@@ -167,6 +167,52 @@ def run_export(
     return [f"wrote {out}: {shapes} ({ex.mode}, {ex.providers[0]})"]
 
 
+def generate_lines(
+    export_dir: Path,
+    prompt: str,
+    max_tokens: int,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    threads: int = 0,
+    as_json: bool = False,
+) -> list[str]:
+    """Continue ``prompt`` with a causal-LM export (``rlhf generate`` and ``rlhf-run generate``).
+
+    Returns the lines to print: the prompt and its continuation, or one JSON object (prompt, text,
+    tokens, window slides, seconds, tokens per second) with ``as_json``.
+
+    Raises:
+        InputError: bad options, an export without a ``causal_lm`` entry, a prompt past the context.
+    """
+    from rlhf_runtime.generate import check_options, generate
+
+    check_options(max_tokens, temperature, top_k, greedy)
+    out = generate(
+        export_dir,
+        prompt,
+        max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        greedy=greedy,
+        threads=threads or None,
+    )
+    if not as_json:
+        return [prompt + out.text]
+    doc = {
+        "prompt": prompt,
+        "text": out.text,
+        "tokens": out.tokens,
+        "slides": out.slides,
+        "seconds": out.seconds,
+        "tokens_per_second": len(out.tokens) / out.seconds if out.seconds > 0 else None,
+    }
+    return [json.dumps(doc)]
+
+
 BENCH_COLUMNS = ("config", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "peak RSS MiB")
 
 

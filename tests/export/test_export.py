@@ -102,8 +102,10 @@ def test_roundtrip_parity_per_stage(graph: Path, graph_export: Any) -> None:
         np.testing.assert_allclose(got[name], r.numpy(), rtol=RTOL, atol=ATOL)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["opset"] == 18 and on_disk["parity"]["end_to_end"]["ok"]
+    kv = [f"stage_{i:02d}.kv.onnx" for i in range(len(model.stages))] if "causal_lm" in on_disk else []
+    assert ("causal_lm" in on_disk) == (graph.name == "charlm.yaml")  # only the causal LM gets a cache
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "fused.onnx"] + [f"stage_{i:02d}.onnx" for i in range(len(model.stages))]
+        ["manifest.json", "fused.onnx"] + [f"stage_{i:02d}.onnx" for i in range(len(model.stages))] + kv
     )
 
 

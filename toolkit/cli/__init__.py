@@ -50,6 +50,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Export a trained model to one ONNX file per stage + manifest.",
     ),
     "run": ("toolkit.cli.deploy_cmds", "run", "Run an export directory with onnxruntime on an input file."),
+    "generate": (
+        "toolkit.cli.generate_cmd",
+        "generate",
+        "Continue a prompt with a causal language model export (key/value cache, no torch).",
+    ),
     "bench": (
         "toolkit.cli.deploy_cmds",
         "bench",

@@ -86,6 +86,16 @@ def check_targets(where: str, targets: np.ndarray, loss: str, output_size: int |
         raise InputError(
             f"{where}: targets: expected finite values, got NaN/inf first at row {int(np.argmax(bad))}"
         )
+    if loss == "token_cross_entropy":
+        if t.ndim != 2 or t.dtype.kind not in "iu":
+            raise InputError(
+                f"{where}: targets: expected (N, T) integer token ids for {loss}, got {t.dtype} {list(t.shape)}"
+            )
+        t = t.astype(np.int64)
+        lo, hi = int(t.min(initial=0)), int(t.max(initial=0))
+        if lo < 0 or (output_size is not None and hi >= output_size):
+            raise InputError(f"{where}: targets: expected ids in [0, {output_size}), got ids in [{lo}, {hi}]")
+        return t
     if loss in CLASS_LOSSES:
         if t.ndim != 1 or np.any(t != np.round(t)):
             raise InputError(

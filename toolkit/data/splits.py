@@ -96,6 +96,10 @@ def load_data(
     names = list(input_specs)
     if not names:
         raise InputError("expected the spec to have at least one input, got none")
+    if cfg.builtin == "pydoc":  # split by topic, not by window (toolkit.data.pydoc_text)
+        from toolkit.data.pydoc_text import load_pydoc_splits
+
+        return load_pydoc_splits(cfg, input_specs)
     if cfg.builtin is not None:
         where = f"builtin dataset {cfg.builtin!r}"
         if len(names) != 1:

@@ -240,6 +240,12 @@ def export_model(
             (select, selection_targets) if select is not None else None,
         )
         manifest["source"] = source
+        from toolkit.export.kv_cache import export_kv_cache
+
+        names = list(staged.input_names)
+        causal = export_kv_cache(model, tmp, sample[names[0]], opset, atol, rtol) if len(names) == 1 else None
+        if causal is not None:  # a causal LM: key/value-cache stage files for `rlhf generate`
+            manifest["causal_lm"] = causal
         if text is not None:
             from toolkit.export.text import check_text_meta, write_text_export
 

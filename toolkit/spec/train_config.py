@@ -11,8 +11,8 @@ from pydantic import Field, model_validator
 
 from toolkit.spec._base import StrictModel
 
-BuiltinDataset = Literal["digits", "digits_images", "digits_tokens", "curves", "mnist1d"]
-LossName = Literal["cross_entropy", "mse", "sum_squared", "bce"]
+BuiltinDataset = Literal["digits", "digits_images", "digits_tokens", "curves", "mnist1d", "pydoc"]
+LossName = Literal["cross_entropy", "token_cross_entropy", "mse", "sum_squared", "bce"]
 
 
 class DataConfig(StrictModel):

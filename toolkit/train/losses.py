@@ -1,6 +1,8 @@
 """Losses (batch means, convex in the outputs, as Hessian-free expects) and metrics.
 
 - cross_entropy: mean_b -log softmax(z_b)[y_b]                      (z: logits (B, C), y: (B,) int)
+- token_cross_entropy: mean_{b,t} -log softmax(z_bt)[y_bt]          (z: (B, T, V), y: (B, T) int;
+                 a language model's next-token loss, in nats per token)
 - mse:           mean over batch and features of (z - t)^2
 - sum_squared:   mean_b sum_f (z_bf - t_bf)^2   (the squared error of deep autoencoder papers)
 - bce:           mean over batch and features of BCE(sigmoid(z), t)  (z: logits, t in [0, 1])
@@ -36,6 +38,12 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(z.reshape(len(z), -1), targets.long())
 
 
+def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over batch and positions of logits (B, T, V) against ids (B, T)."""
+    z = _as_output(outputs)
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.long().reshape(-1))
+
+
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error over batch and features."""
     z = _as_output(outputs)
@@ -56,6 +64,7 @@ def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
+    "token_cross_entropy": token_cross_entropy,
     "mse": mse,
     "sum_squared": sum_squared,
     "bce": bce,
