@@ -101,6 +101,52 @@ def test_monte_carlo_factor_is_unbiased() -> None:
         assert float((g_m - g_e).norm() / g_e.norm()) < 0.05
 
 
+def _token_ce_case(steps: int):
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    bsz, vocab = 2, 3
+    model = nn.Sequential(nn.Linear(4, vocab)).double()
+    x = torch.randn(bsz, steps, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, vocab, (bsz, steps), generator=g)
+    loss = lambda z: F.cross_entropy(z.reshape(-1, vocab), t.reshape(-1))  # noqa: E731
+    flat = FlatParams(model, list(model.parameters()))
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=-1).reshape(-1, vocab)  # (B·T, V)
+    ref_g = (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)).sum(0) / (bsz * steps)
+    return model, flat, x, loss, ref_g
+
+
+def test_per_token_cross_entropy_blocks_per_position() -> None:
+    """(B, T, V) logits of a next-token loss with T·V > 256: one V×V block per position.
+
+    For one linear layer z = W a + b the exact G is Σ_{b,t} H_bt, with H_bt = (diag p − p pᵀ)/(B·T)
+    the softmax cross-entropy Hessian of position (b, t), written out by hand here.
+    """
+    model, flat, x, loss, ref_g = _token_ce_case(steps=100)  # 300 outputs per example, 200 positions
+    ((a, gg),) = KFAC(model, flat.params, flat.offsets, samples="exact").factors((x,), loss)
+    torch.testing.assert_close(gg, ref_g, rtol=1e-10, atol=1e-13)
+    a_bar = torch.cat([x.reshape(-1, 4), torch.ones(x.shape[0] * x.shape[1], 1, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(a, a_bar.T @ a_bar / a_bar.shape[0], rtol=1e-12, atol=1e-12)
+
+
+def test_per_token_blocks_on_a_subset_of_positions_are_unbiased() -> None:
+    """More positions (300) than square roots are taken for (256): the scaled subset averages to G."""
+    model, flat, x, loss, ref_g = _token_ce_case(steps=150)
+    mc = KFAC(model, flat.params, flat.offsets, samples=1, seed=0)
+    mean_g = sum(mc.factors((x,), loss)[0][1] for _ in range(400)) / 400
+    assert float((mean_g - ref_g).norm() / ref_g.norm()) < 0.05
+
+
+def test_coupled_outputs_beyond_the_limit_are_refused() -> None:
+    """A loss that couples positions (not block-diagonal per row) with too many outputs: a clear error."""
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x = torch.randn(1, 100, 4, dtype=torch.float64)
+    flat = FlatParams(model, list(model.parameters()))
+    loss = lambda z: torch.logsumexp(z.reshape(1, -1), dim=1).sum()  # noqa: E731  one softmax over all 300
+    with pytest.raises(ValueError, match="per-position loss"):
+        KFAC(model, flat.params, flat.offsets, samples=1).factors((x,), loss)
+
+
 @pytest.mark.parametrize("mode", ["eigen", "pi"])
 def test_inverse_matches_dense_solve(mode: str) -> None:
     g = torch.Generator().manual_seed(4)

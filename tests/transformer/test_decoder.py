@@ -106,13 +106,13 @@ def test_token_cross_entropy_and_its_ggn_against_dense_float64() -> None:
     assert F.cross_entropy(z.reshape(-1, 7), t.reshape(-1)).item() == pytest.approx(ref.item())
 
 
-def test_hessian_free_trains_the_tiny_lm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preconditioner", ["kfac", "diagonal"])
+def test_hessian_free_trains_the_tiny_lm(tmp_path: Path, preconditioner: str) -> None:
     from toolkit.train import train
 
     d = _tiny()
-    # K-FAC (the default preconditioner) needs a diagonal output Hessian or <= 256 outputs per example;
-    # per-token softmax is neither (T x V outputs), so the diagonal preconditioner here
-    d["train"]["optimizer"] = {"name": "hessian_free", "cg_max_iters": 10, "preconditioner": "diagonal"}
+    # K-FAC (the default) takes one V x V output-Hessian block per position of the next-token loss
+    d["train"]["optimizer"] = {"name": "hessian_free", "cg_max_iters": 10, "preconditioner": preconditioner}
     d["train"]["threads"] = 1
     res = train(parse_spec(d, source="tiny"), tmp_path / "run", max_steps=3)
     assert res.status == "completed" and res.steps == 3

@@ -13,7 +13,8 @@ where the w_i are drawn with E[w_i w_iᵀ] = H_i ("the model's predictive distri
 Gauss-Newton matrix): for a loss whose output Hessians are diagonal (squared errors: c·I; binary
 cross-entropy) w_i = √diag(H_i) ⊙ ξ_i with ξ_i ~ N(0, I), found with two output-Hessian products;
 otherwise (softmax cross-entropy) the per-example blocks H_i are formed from C output-Hessian
-products (C ≤ 256) and w_i = H_i^{½} ξ_i. ``samples="exact"`` uses the C columns of H_i^{½} instead of a draw, so that for
+products (C ≤ 256) and w_i = H_i^{½} ξ_i; a per-position loss on (B, T, V) outputs (a language
+model's next-token cross-entropy) has one V×V block per position, taken the same way (V ≤ 256). ``samples="exact"`` uses the C columns of H_i^{½} instead of a draw, so that for
 one example the block is the exact Gauss-Newton block. Leading axes beyond the batch (sequences)
 count as extra examples ("K-FAC expand").
 
@@ -49,6 +50,7 @@ from toolkit.optim.distributed import mean_across
 Samples = int | str  # a count of Monte-Carlo draws, or "exact"
 KFAC_DAMPINGS: tuple[str, ...] = ("eigen", "pi")
 _MAX_EXACT_OUTPUTS = 256  # per-example output Hessians are formed only up to this many outputs
+_MAX_HESSIAN_ROWS = 256  # per-position blocks: square roots taken on at most this many positions
 
 
 @dataclass
@@ -101,7 +103,10 @@ def _output_sqrt_hessians(
 
     H_L = ∂²L/∂z² of the batch loss is taken to be block-diagonal over the examples (the loss is a
     mean of per-example terms), which is what lets one probe per output coordinate recover every
-    example's block at once.
+    example's block at once. For outputs with a sequence axis, (B, T, ..., C), whose per-example
+    Hessian is too large to form (a language model's T·V logits), the blocks are taken per row
+    of the last axis (per position) when a random probe confirms that H_L is block-diagonal over
+    them (a per-token loss); see ``_row_sqrt_hessians``.
     """
     z = z.detach()
     b = z.shape[0]
@@ -131,9 +136,14 @@ def _output_sqrt_hessians(
             eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
             return [(root * eye[k]).reshape(z.shape) for k in range(c_out)]
         return [(root * draw(tuple(flat.shape))).reshape(z.shape) for _ in range(int(samples))]
+    if c_out > _MAX_EXACT_OUTPUTS and z.dim() > 2 and z.shape[-1] <= _MAX_EXACT_OUTPUTS:
+        rows = _row_sqrt_hessians(hvp, z, samples, draw, generator)
+        if rows is not None:
+            return rows
     if c_out > _MAX_EXACT_OUTPUTS:
         raise ValueError(
-            f"K-FAC: expected a diagonal output Hessian or at most {_MAX_EXACT_OUTPUTS} outputs per example, "
+            f"K-FAC: expected a diagonal output Hessian, at most {_MAX_EXACT_OUTPUTS} outputs per example "
+            f"or a per-position loss over at most {_MAX_EXACT_OUTPUTS} outputs per position, "
             f"got {c_out} outputs with a non-isotropic loss Hessian"
         )
     eye = torch.eye(c_out, dtype=z.dtype, device=z.device)
@@ -145,6 +155,52 @@ def _output_sqrt_hessians(
     if samples == "exact":
         return [root[:, :, k].reshape(z.shape) for k in range(c_out)]
     return [torch.einsum("bij,bj->bi", root, draw((b, c_out))).reshape(z.shape) for _ in range(int(samples))]
+
+
+def _row_sqrt_hessians(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    z: torch.Tensor,
+    samples: Samples,
+    draw: Callable[[tuple[int, ...]], torch.Tensor],
+    generator: torch.Generator | None,
+) -> list[torch.Tensor] | None:
+    """``_output_sqrt_hessians`` with one block per row of the last axis (per token); None if H_L isn't so.
+
+    The C columns of every row's block come from C products with H_L (probe e_k in every row at
+    once); a random probe then checks that H_L has no coupling between rows (a per-position loss
+    such as next-token cross-entropy); otherwise None (the caller falls back to per-example blocks).
+    The square roots (one C×C eigendecomposition per row) are taken on at most
+    ``_MAX_HESSIAN_ROWS`` rows drawn without replacement, scaled by √(rows/drawn) so that Σ w wᵀ
+    stays an unbiased estimate of H_L.
+    """
+    c = z.shape[-1]
+    n_rows = z.numel() // c
+    eye = torch.eye(c, dtype=z.dtype, device=z.device)
+    cols = [hvp(eye[k].expand(z.shape).contiguous()).reshape(n_rows, c) for k in range(c)]
+    h = torch.stack(cols, dim=2)  # (R, C, C): block of row r, if rows do not couple
+    probe = draw((n_rows, c))
+    direct = hvp(probe.reshape(z.shape)).reshape(n_rows, c)
+    scale = float(direct.abs().max()) if direct.numel() else 0.0
+    if not torch.allclose(direct, torch.einsum("rij,rj->ri", h, probe), rtol=1e-4, atol=1e-12 + 1e-6 * scale):
+        return None
+    rows = torch.arange(n_rows, device=z.device)
+    weight = 1.0
+    if n_rows > _MAX_HESSIAN_ROWS:
+        rows = torch.randperm(n_rows, generator=generator)[:_MAX_HESSIAN_ROWS].to(z.device)
+        weight = math.sqrt(n_rows / _MAX_HESSIAN_ROWS)
+    hs = h[rows]
+    hs = 0.5 * (hs + hs.transpose(1, 2))
+    evals, evecs = torch.linalg.eigh(hs)
+    root = weight * evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (m, C, C)
+
+    def place(vectors: torch.Tensor) -> torch.Tensor:  # (m, C) on the drawn rows, zero elsewhere
+        w = torch.zeros(n_rows, c, dtype=z.dtype, device=z.device)
+        w[rows] = vectors
+        return w.reshape(z.shape)
+
+    if samples == "exact":
+        return [place(root[:, :, k]) for k in range(c)]
+    return [place(torch.einsum("rij,rj->ri", root, draw((len(rows), c)))) for _ in range(int(samples))]
 
 
 class KFAC:
