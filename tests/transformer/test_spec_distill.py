@@ -205,3 +205,75 @@ def test_layerwise_on_imported_checkpoint(tiny: dict[str, Any], tmp_path: Path) 
     )
     assert err == pytest.approx(summary["test"]["rel_error"], rel=1e-4)  # the run's own score, recomputed
     assert err < 0.8 * err0, (err, err0)  # stage-wise fitting moved the student towards the teacher
+
+
+def test_export_fuses_encoder_attention_and_matches_float64(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """Exported stages carry onnxruntime's fused Attention / SkipLayerNormalization (plain CPU provider
+    loads them) and equal the torch model run in float64."""
+    import json
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from toolkit.checkpoint import load_model
+    from toolkit.export import export_model
+    from toolkit.export.text import tokenize
+    from toolkit.factorize.corpus import python_reference_sentences
+
+    model, _spec, meta = load_model(tiny["spec"])
+    feeds = tokenize(meta["text"], python_reference_sentences()[:6], 40)
+    export_model(model, tmp_path / "exp", sample=feeds, text=meta["text"], quantize="int8")
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    ops = [
+        {n.op_type for n in onnx.load(str(tmp_path / "exp" / s["files"]["fp32"]["file"])).graph.node}
+        for s in manifest["stages"]
+    ]
+    assert all({"Attention", "SkipLayerNormalization", "BiasGelu"} <= o for o in ops[1:]), ops
+    int8_ops = {
+        n.op_type
+        for n in onnx.load(str(tmp_path / "exp" / manifest["stages"][1]["files"]["int8"]["file"])).graph.node
+    }
+    assert "Attention" not in int8_ops  # int8 is made from the unfused graphs
+    other = python_reference_sentences()[50:53]  # not the export's sample
+    env = dict(tokenize(meta["text"], other, 40))
+    for s in manifest["stages"]:
+        sess = ort.InferenceSession(
+            str(tmp_path / "exp" / s["files"]["fp32"]["file"]), providers=["CPUExecutionProvider"]
+        )
+        names = [o.name for o in sess.get_outputs()]
+        env.update(zip(names, sess.run(None, {i.name: env[i.name] for i in sess.get_inputs()})))
+    ref = model.double()
+    with torch.no_grad():
+        hidden, pooled = ref(*(torch.as_tensor(env[n]) for n in ref.input_names))
+    out_names = [o["name"] for o in manifest["outputs"]]
+    np.testing.assert_allclose(env[out_names[0]], hidden.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(env[out_names[1]], pooled.numpy(), atol=1e-5, rtol=0)
+
+
+def test_split_unsqueeze_keeps_values_and_no_fusion_without_attention() -> None:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.builder import build_model
+    from toolkit.export.fusion import attention_fusion, split_unsqueeze
+    from toolkit.spec import load_spec
+
+    axes = numpy_helper.from_array(np.array([1, 2], np.int64), "axes")
+    g = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["x", "axes"], ["y"])],
+        "u",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, 1, 3])],
+        [axes],
+    )
+    m = split_unsqueeze(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    assert [n.op_type for n in m.graph.node] == ["Unsqueeze", "Unsqueeze"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+        0
+    ]
+    assert np.array_equal(got, x[:, None, None, :])
+    spec = load_spec(Path(__file__).resolve().parents[2] / "graphs" / "default.yaml")
+    assert attention_fusion(build_model(spec, seed=0)) is None  # no attention: nothing to fuse

@@ -39,6 +39,12 @@ class Attention(nn.Module):
         kh = k.reshape(b, s, h, dh).transpose(1, 2)  # (B, h, S, dh)
         vh = v.reshape(b, s, h, dh).transpose(1, 2)  # (B, h, S, dh)
         scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(dh)  # (B, h, T, S)
+        if mask is not None and not self.causal:
+            # the additive form of BERT (0 or the lowest value added before the softmax): the pattern
+            # onnxruntime's attention fusion recognizes (toolkit.export.fusion)
+            low = torch.finfo(scores.dtype).min
+            scores = scores + (1.0 - mask.unsqueeze(1).unsqueeze(2).to(scores.dtype)) * low  # (B, 1, 1, S)
+            mask = None
         hide: torch.Tensor | None = None
         if mask is not None:
             hide = (mask == 0)[:, None, None, :]  # (B, 1, 1, S)
