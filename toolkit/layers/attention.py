@@ -1,10 +1,11 @@
 """Multi-head scaled dot-product attention as explicit math (no fused kernel).
 
-softmax(Q Kᵀ / √d_head + mask) V per head, written with matmul / masked_fill / softmax so that
+softmax(Q Kᵀ / √d_head + mask) V per head, written with matmul / add (or masked_fill) / softmax so that
 torch.func's jvp and vjp (and their compositions: the Hessian-free optimizer's curvature products)
 work through it, double differentiation included; fused ``scaled_dot_product_attention`` kernels
 are not all twice differentiable. The Q, K, V and output projections are not part of this module:
-they are ordinary (factorizable) ``linear`` nodes of the spec.
+they are ordinary (factorizable) ``linear`` nodes of the spec. A padding mask without ``causal`` is
+added in BERT's form, (1 − mask)·lowest, which onnxruntime's attention fusion matches at export.
 """
 
 from __future__ import annotations
