@@ -9,8 +9,8 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
    export, and (batch 1) torch eager on the spec model; calls interleaved round by round, 2 intra-op
    threads everywhere (onnxruntime and torch.set_num_threads(2)); also plain onnxruntime sessions with
    intra-op thread spinning off (3 sessions' spinning pools compete on 2 cores).
-   The export's fp32 files hold onnxruntime's fused Attention / SkipLayerNormalization / BiasGelu
-   (toolkit.export.fusion); "staged, export without fusion" runs an export made with RLHF_NO_FUSION=1.
+   "staged, export with fused ops" runs an export made with RLHF_EXPORT_FUSION=1 (onnxruntime's fused
+   Attention / SkipLayerNormalization / BiasGelu written into the files, toolkit.export.fusion).
 3. Per-stage int8 (dynamic quantization chosen by the exporter): sentence-embedding cosine to fp32
    and file sizes.
 4. Streaming: peak RSS (VmHWM above the baseline once onnxruntime's environment is up) of the resident
@@ -383,17 +383,17 @@ def main() -> int:
             quant_candidates=quant_candidates(),
         )
         r["export_seconds"] = time.perf_counter() - t0
-        os.environ["RLHF_NO_FUSION"] = "1"  # the same model without onnxruntime's fused contrib ops
+        os.environ["RLHF_EXPORT_FUSION"] = "1"  # the same model with onnxruntime's fused contrib ops
         try:
-            export_model(model, work / "export-unfused", sample=feeds, text=text)
+            export_model(model, work / "export-fused-ops", sample=feeds, text=text)
         finally:
-            os.environ.pop("RLHF_NO_FUSION")
+            os.environ.pop("RLHF_EXPORT_FUSION")
         exp = work / "export"
         cfg = SessionConfig(intra_op_threads=THREADS)
         staged = Executor(exp, providers="cpu", session_options=cfg)
         fused = Executor(exp, providers="cpu", session_options=cfg, fused=True)
         quiet = no_spin_sessions(exp, manifest)
-        unfused = Executor(work / "export-unfused", providers="cpu", session_options=cfg)
+        fusedops = Executor(work / "export-fused-ops", providers="cpu", session_options=cfg)
         lat: dict[str, Any] = {}
         for batch in (1, 32):
             f = tokenize(text, sentences(batch, 600), MAX_TOKENS)
@@ -402,7 +402,7 @@ def main() -> int:
                 "fused": lambda f=f: fused.run(f),
                 "staged, spinning off": lambda f=f: quiet[0](f),
                 "fused, spinning off": lambda f=f: quiet[1](f),
-                "staged, export without fusion": lambda f=f: unfused.run(f),
+                "staged, export with fused ops": lambda f=f: fusedops.run(f),
             }
             if batch == 1:
                 ts = [torch.as_tensor(f[n]) for n in model.input_names]

@@ -207,9 +207,12 @@ def test_layerwise_on_imported_checkpoint(tiny: dict[str, Any], tmp_path: Path) 
     assert err < 0.8 * err0, (err, err0)  # stage-wise fitting moved the student towards the teacher
 
 
-def test_export_fuses_encoder_attention_and_matches_float64(tiny: dict[str, Any], tmp_path: Path) -> None:
-    """Exported stages carry onnxruntime's fused Attention / SkipLayerNormalization (plain CPU provider
-    loads them) and equal the torch model run in float64."""
+def test_export_fuses_encoder_attention_and_matches_float64(
+    tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With RLHF_EXPORT_FUSION=1, exported stages carry onnxruntime's fused Attention /
+    SkipLayerNormalization (plain CPU provider loads them) and equal the torch model run in float64."""
+    monkeypatch.setenv("RLHF_EXPORT_FUSION", "1")
     import json
 
     import numpy as np

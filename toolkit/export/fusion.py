@@ -76,10 +76,12 @@ def fuse_encoder(data: bytes, heads: int, hidden: int) -> tuple[bytes, dict[str,
 def attention_fusion(model: Any) -> Callable[[bytes], bytes] | None:
     """For a staged model with non-causal attention (one head count, one width): bytes -> fused bytes.
 
-    None when the model has no attention, causal attention, mixed settings, when
-    ``RLHF_NO_FUSION=1`` is set, or when onnxruntime's transformer tools are not importable.
+    Opt-in: None unless ``RLHF_EXPORT_FUSION=1`` is set (measured on MiniLM at 2 threads, the
+    onnxruntime session's own load-time fusions of the additive-mask graph gave the same batch-1
+    latency and a lower batch-32 one; see docs/benchmarks/transformer.md). Also None when the model
+    has no attention, causal attention, mixed settings, or onnxruntime's transformer tools are missing.
     """
-    if os.environ.get("RLHF_NO_FUSION") == "1":
+    if os.environ.get("RLHF_EXPORT_FUSION") != "1":
         return None
     spec = getattr(model, "spec", None)
     if spec is None:

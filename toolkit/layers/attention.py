@@ -5,7 +5,7 @@ torch.func's jvp and vjp (and their compositions: the Hessian-free optimizer's c
 work through it, double differentiation included; fused ``scaled_dot_product_attention`` kernels
 are not all twice differentiable. The Q, K, V and output projections are not part of this module:
 they are ordinary (factorizable) ``linear`` nodes of the spec. A padding mask without ``causal`` is
-added in BERT's form, (1 − mask)·lowest, which onnxruntime's attention fusion matches at export.
+added in BERT's form, (1 − mask)·lowest, which onnxruntime's attention fusion matches.
 """
 
 from __future__ import annotations
