@@ -9,13 +9,23 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
    export, and (batch 1) torch eager on the spec model; calls interleaved round by round, 2 intra-op
    threads everywhere (onnxruntime and torch.set_num_threads(2)); also plain onnxruntime sessions with
    intra-op thread spinning off (3 sessions' spinning pools compete on 2 cores).
+   "staged, export with fused ops" runs an export made with RLHF_EXPORT_FUSION=1 (onnxruntime's fused
+   Attention / SkipLayerNormalization / BiasGelu written into the files, toolkit.export.fusion).
 3. Per-stage int8 (dynamic quantization chosen by the exporter): sentence-embedding cosine to fp32
    and file sizes.
 4. Streaming: peak RSS (VmHWM above the baseline once onnxruntime's environment is up) of the resident
    and the streaming executor (budget = largest stage + activations; half the weights is below the
    embedding stage alone), each in a fresh subprocess, and whether the outputs are bit-identical.
+5. Factorized imported MiniLM at half the linear weights, on the spec path, with bench_factorize's
+   recipe for the Hugging Face model: ranks by measured sensitivity (budget 0.5), ASVD + one
+   closed-form refit on 128 training sentences, then ``--distill-steps`` steps of the same ``distill``
+   (AdamW, peak lr 5e-4, token-state MSE + pooled cosine, 32 augmented training sentences per step);
+   mean-pooled embedding cosine to the dense model on the 300 held-out sentences. ``--hf-baseline``
+   also runs the Hugging Face path with the same ranks and steps in the same run.
 
 Usage: python benchmarks/bench_transformer.py [--quick] [--out docs/benchmarks/transformer.md]
+       [--distill-steps N] [--hf-baseline] [--ranks-from docs/benchmarks/factorize.json]
+       [--only factorize]  (re-measure one section; the others are kept from the last report's .json)
 """
 
 from __future__ import annotations
@@ -151,6 +161,113 @@ def no_spin_sessions(
     return chain, lambda feeds: fused.run(None, feeds)
 
 
+def factorize_section(
+    import_dir: Path, steps: int, hf_baseline: bool, ranks_from: str | None, quick: bool
+) -> dict[str, Any]:
+    """Section 5: the imported checkpoint factorized to half its linear weights and distilled (spec path)."""
+    import copy
+
+    import torch
+
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize import RefitOptions, count_parameters, factorize_module
+    from toolkit.factorize.corpus import python_reference_sentences, split_sentences
+    from toolkit.factorize.hf import mean_cosine
+    from toolkit.factorize.spec_model import node_pattern
+    from toolkit.factorize.spec_text import SpecTokenizer, distill_spec, spec_distortion, spec_embed
+    from toolkit.hf_import import _weight_map
+
+    dense, spec, meta = load_model(import_dir)
+    text = meta["text"]
+    tok = SpecTokenizer(text)
+    train, held = split_sentences(python_reference_sentences(), 100 if quick else 300)
+    e_dense = spec_embed(dense, tok, held)
+    names = list(dense.input_names)
+
+    def tuples(sents: list[str]) -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for i in range(0, len(sents), 32):
+            b = tok(sents[i : i + 32], max_length=64)
+            out.append(tuple(b[n] for n in names))
+        return out
+
+    cal = tuples(train[: 64 if quick else 128])
+    include = node_pattern(n.id for n in spec.nodes if n.group is not None)
+    res: dict[str, Any] = {"held_out": len(held), "train_sentences": len(train), "steps": steps}
+    t0 = time.perf_counter()
+    if ranks_from:  # bench_factorize's ranks for the HF model, mapped onto the spec's node ids
+        hf_ranks = json.loads(Path(ranks_from).read_text())["minilm"]["sensitivity_ranks"]
+        wmap = _weight_map(len([n for n in spec.nodes if n.id.endswith("_q")]))
+        module_of = {
+            name.rsplit(".", 1)[-1]: name for name, _m in dense.named_modules() if name.count(".") == 2
+        }
+        ranks = {module_of[wmap[f"{hf_name}.weight"].split(".")[0]]: r for hf_name, r in hf_ranks.items()}
+        res["ranks_source"] = f"{ranks_from} (bench_factorize's sensitivity ranks of the HF model)"
+    else:
+        from toolkit.factorize.sensitivity import sensitivity_ranks
+
+        probe = train[: 32 if quick else 96]
+        sens = sensitivity_ranks(
+            dense, spec_distortion(dense, tok, probe), 0.5, include=include, calibration=cal
+        )
+        ranks = sens.ranks
+        res["ranks_source"] = f"measured on the spec model (1 - cosine on {len(probe)} training sentences)"
+    res["ranks_seconds"] = time.perf_counter() - t0
+
+    def factorized(model: torch.nn.Module, calibration: Any, pattern: str | None, rk: dict[str, int]) -> Any:
+        student = copy.deepcopy(model)
+        rep = factorize_module(
+            student,
+            include=pattern,
+            method="asvd",
+            calibration=calibration,
+            refit=True,
+            refit_options=RefitOptions(alternations=1, steps=0),
+            max_rows=4096,
+            rank=rk,
+        )
+        return student, rep
+
+    t0 = time.perf_counter()
+    student, rep = factorized(dense, cal, include, ranks)
+    res["factorize_seconds"] = time.perf_counter() - t0
+    res["linear_dense_params"], res["linear_factor_params"] = rep.dense_params, rep.factor_params
+    res["model_params"] = [count_parameters(dense), count_parameters(student)]
+    res["cosine_after_factorize"] = mean_cosine(spec_embed(student, tok, held), e_dense)
+    log = distill_spec(student, dense, text, train[128:], steps, lr=5e-4, batch_size=32, seed=0)
+    res["distill_seconds"] = log.seconds
+    res["cosine_after_distill"] = mean_cosine(spec_embed(student, tok, held), e_dense)
+    if hf_baseline:  # the Hugging Face path, same ranks, same recipe, same steps
+        from toolkit.factorize.hf import augmented_batches, batches, distill, embed, load_hf, minilm_dir
+
+        hf_dense, hf_tok = load_hf(minilm_dir())
+        wmap = _weight_map(len([n for n in spec.nodes if n.id.endswith("_q")]))
+        by_node = {key.rsplit(".", 1)[-1]: r for key, r in ranks.items()}
+        inverse = {
+            hf_name[: -len(".weight")]: by_node[spec_name.split(".")[0]]
+            for hf_name, spec_name in wmap.items()
+            if hf_name.endswith(".weight") and spec_name.split(".")[0] in by_node
+        }
+        hf_student, _rep = factorized(
+            hf_dense, batches(hf_tok, train[: 64 if quick else 128], 32), r"encoder\.layer\.", inverse
+        )
+        hf_e_dense = embed(hf_dense, hf_tok, held)
+        res["hf_cosine_after_factorize"] = mean_cosine(embed(hf_student, hf_tok, held), hf_e_dense)
+        hlog = distill(
+            hf_student, hf_dense, augmented_batches(hf_tok, train[128:], 32, seed=0), steps=steps, lr=5e-4
+        )
+        res["hf_distill_seconds"] = hlog.seconds
+        res["hf_cosine_after_distill"] = mean_cosine(embed(hf_student, hf_tok, held), hf_e_dense)
+    ref = ROOT / "docs" / "benchmarks" / "factorize.json"
+    if ref.is_file():
+        m = json.loads(ref.read_text()).get("minilm", {})
+        res["hf_reference"] = {
+            k: m.get(k) for k in ("distill_steps", "cosine_after_distill", "cosine_after_factorize")
+        }
+    res["load_avg_at_end"] = os.getloadavg()[0]
+    return res
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -176,9 +293,42 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "transformer.md"))
     parser.add_argument("--rss-worker", nargs=3, metavar=("DIR", "MODE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="section 5 (default 2400, bench_factorize's; quick 20)",
+    )
+    parser.add_argument("--hf-baseline", action="store_true", help="section 5: also the HF path, same steps")
+    parser.add_argument("--ranks-from", default=None, help="section 5: bench_factorize's .json (its ranks)")
+    parser.add_argument(
+        "--only", choices=["factorize"], default=None, help="re-measure one section, keep the others"
+    )
     args = parser.parse_args()
     if args.rss_worker:
         rss_worker(args.rss_worker[0], args.rss_worker[1], int(args.rss_worker[2]))
+        return 0
+    steps = args.distill_steps if args.distill_steps is not None else (20 if args.quick else 2400)
+    if args.only == "factorize":
+        import torch
+
+        from toolkit.factorize.hf import minilm_dir
+        from toolkit.hf_import import import_bert
+
+        torch.set_num_threads(THREADS)
+        out_path = Path(args.out)
+        prev = json.loads(out_path.with_suffix(".json").read_text())
+        with tempfile.TemporaryDirectory(prefix="rlhf-bench-transformer-") as tmp:
+            import_bert(minilm_dir(), Path(tmp) / "minilm")
+            prev["factorize"] = {
+                "load_avg_at_start": os.getloadavg()[0],
+                **factorize_section(
+                    Path(tmp) / "minilm", steps, args.hf_baseline, args.ranks_from, args.quick
+                ),
+            }
+        out_path.with_suffix(".json").write_text(json.dumps(prev, indent=2))
+        out_path.write_text(report(prev))
+        print(f"wrote {out_path} (section 5 re-measured)")
         return 0
 
     import torch
@@ -233,11 +383,17 @@ def main() -> int:
             quant_candidates=quant_candidates(),
         )
         r["export_seconds"] = time.perf_counter() - t0
+        os.environ["RLHF_EXPORT_FUSION"] = "1"  # the same model with onnxruntime's fused contrib ops
+        try:
+            export_model(model, work / "export-fused-ops", sample=feeds, text=text)
+        finally:
+            os.environ.pop("RLHF_EXPORT_FUSION")
         exp = work / "export"
         cfg = SessionConfig(intra_op_threads=THREADS)
         staged = Executor(exp, providers="cpu", session_options=cfg)
         fused = Executor(exp, providers="cpu", session_options=cfg, fused=True)
         quiet = no_spin_sessions(exp, manifest)
+        fusedops = Executor(work / "export-fused-ops", providers="cpu", session_options=cfg)
         lat: dict[str, Any] = {}
         for batch in (1, 32):
             f = tokenize(text, sentences(batch, 600), MAX_TOKENS)
@@ -246,6 +402,7 @@ def main() -> int:
                 "fused": lambda f=f: fused.run(f),
                 "staged, spinning off": lambda f=f: quiet[0](f),
                 "fused, spinning off": lambda f=f: quiet[1](f),
+                "staged, export with fused ops": lambda f=f: fusedops.run(f),
             }
             if batch == 1:
                 ts = [torch.as_tensor(f[n]) for n in model.input_names]
@@ -290,6 +447,12 @@ def main() -> int:
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r["memory"] = runs
+
+        # 5. factorized + distilled on the spec path
+        r["factorize"] = {
+            "load_avg_at_start": os.getloadavg()[0],
+            **factorize_section(work / "minilm", steps, args.hf_baseline, args.ranks_from, args.quick),
+        }
     r["machine"]["load_avg_at_end"] = os.getloadavg()[0]
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +502,11 @@ def report(r: dict[str, Any]) -> str:
             lines.append(
                 f"- batch {batch}: staged / fused = {quiet:.3f} (plain sessions, intra-op spinning off)"
             )
+        if "staged, export without fusion" in res:
+            gain = res["staged, export without fusion"]["p50_ms"] / res["staged (3 stages)"]["p50_ms"]
+            lines.append(
+                f"- batch {batch}: export without / with onnxruntime's fused ops (staged) = {gain:.2f}x"
+            )
         if "torch eager" in res:
             lines.append(
                 f"- batch {batch}: torch eager / onnxruntime staged = {res['torch eager']['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
@@ -379,7 +547,58 @@ def report(r: dict[str, Any]) -> str:
         "largest stage + activations.",
         "",
     ]
+    if "factorize" in r:
+        lines += factorize_report(r["factorize"])
     return "\n".join(lines)
+
+
+def factorize_report(f: dict[str, Any]) -> list[str]:
+    """Section 5 of the report."""
+    lines = [
+        "## Factorized imported MiniLM, distilled on the spec path",
+        "",
+        f"`rlhf import` checkpoint, the encoder's 36 linear layers at half their weights "
+        f"({f['linear_factor_params']:,} of {f['linear_dense_params']:,}); ranks: {f['ranks_source']}. "
+        f"ASVD + one closed-form refit (128 training sentences), then {f['steps']} steps of "
+        "`toolkit.factorize.hf.distill` through `toolkit.factorize.spec_text` (AdamW, peak lr 5e-4, token-state "
+        "MSE + pooled cosine, 32 augmented training sentences of the Python reference manual per step; "
+        f"{f['distill_seconds']:.0f} s). Load average {f['load_avg_at_start']:.2f} at start, "
+        f"{f['load_avg_at_end']:.2f} at end. Mean cosine of mean-pooled embeddings to the dense model on "
+        f"{f['held_out']} held-out sentences:",
+        "",
+        "| path | steps | after factorize | after distillation |",
+        "|---|---|---|---|",
+        f"| spec (`rlhf factorize --distill-steps`) | {f['steps']} | {f['cosine_after_factorize']:.4f} | "
+        f"**{f['cosine_after_distill']:.4f}** |",
+    ]
+    if "hf_cosine_after_distill" in f:
+        lines.append(
+            f"| Hugging Face, same run, same ranks | {f['steps']} | {f['hf_cosine_after_factorize']:.4f} | "
+            f"{f['hf_cosine_after_distill']:.4f} |"
+        )
+    ref = f.get("hf_reference") or {}
+    if ref.get("cosine_after_distill") is not None:
+        lines.append(
+            f"| Hugging Face, docs/benchmarks/factorize.md | {ref['distill_steps']} | "
+            f"{ref['cosine_after_factorize']:.4f} | {ref['cosine_after_distill']:.4f} |"
+        )
+        met = f["steps"] >= ref["distill_steps"] and f["cosine_after_distill"] >= ref["cosine_after_distill"]
+        lines += [
+            "",
+            f"- target: at least the Hugging Face path's {ref['cosine_after_distill']:.4f} at equal steps "
+            f"({ref['distill_steps']}): "
+            + (
+                "met"
+                if met
+                else (
+                    "NOT met"
+                    if f["steps"] >= ref["distill_steps"]
+                    else f"not measured at {ref['distill_steps']} steps in this run ({f['steps']} steps)"
+                )
+            ),
+        ]
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

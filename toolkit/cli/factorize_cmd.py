@@ -71,8 +71,11 @@ def _sentences(path: Path | None, limit: int) -> list[str]:
     type=int,
     default=0,
     show_default=True,
-    help="Hugging Face: distillation steps against the dense model, on the --calibration corpus "
-    "(all of it, with word-level augmentation).",
+    help="Hugging Face and imported text models: distillation steps against the dense model, on the "
+    "--calibration corpus (all of it, with word-level augmentation; token-state MSE + pooled cosine, AdamW).",
+)
+@click.option(
+    "--distill-lr", type=float, default=5e-4, show_default=True, help="Distillation peak learning rate."
 )
 @click.option(
     "--onnx/--no-onnx",
@@ -97,6 +100,7 @@ def factorize(
     samples: int,
     refit: bool,
     distill_steps: int,
+    distill_lr: float,
     onnx_: bool,
     overwrite: bool,
     as_json: bool,
@@ -114,9 +118,10 @@ def factorize(
         raise FileNotFoundError(
             f"SOURCE {source}: expected a Hugging Face model directory or a checkpoint, got no such path"
         )
-    if samples < 1 or distill_steps < 0:
+    if samples < 1 or distill_steps < 0 or not distill_lr > 0:
         raise InputError(
-            f"--samples/--distill-steps: expected >= 1 and >= 0, got {samples} and {distill_steps}"
+            f"--samples/--distill-steps/--distill-lr: expected >= 1, >= 0 and > 0, got {samples}, "
+            f"{distill_steps} and {distill_lr}"
         )
     rule: dict[str, Any] = {"rank": rank, "ratio": ratio, "energy": energy, "budget": budget}
     from toolkit.factorize.core import _check_rule
@@ -139,6 +144,7 @@ def factorize(
             samples,
             refit,
             distill_steps,
+            distill_lr,
             onnx_,
             console,
         )
@@ -171,9 +177,17 @@ def factorize(
                 rule = _sensitivity_rule(
                     dense_model, metric, rule, include, calib if method == "asvd" else None, console
                 )
+        tune = None
+        if distill_steps:
+            if text is None:
+                raise InputError(
+                    f"--distill-steps: expected a Hugging Face directory or an imported text model, "
+                    f"got {source} (a spec model without text inputs; use rlhf train --layerwise)"
+                )
+            tune = _spec_distiller(source, text, calibration, distill_steps, distill_lr, console)
         with staged_dir(out, overwrite) as tmp:
             _m, report_obj, ckpt = factorize_checkpoint(
-                source, tmp, calibration=calib, include=include, method=method, refit=refit, **rule
+                source, tmp, calibration=calib, include=include, method=method, refit=refit, tune=tune, **rule
             )
         ckpt = out / ckpt.relative_to(tmp)
         console.print(f"wrote {ckpt} (spec + weights), {out / 'factorize.json'}")
@@ -181,6 +195,23 @@ def factorize(
         click.echo(report_obj.to_json())
     else:
         console.print(report_obj.table())
+
+
+def _spec_distiller(
+    source: Path, text: Any, calibration: Path | None, steps: int, lr: float, console: Any
+) -> Any:
+    """factorized model ↦ distilled in place against the dense checkpoint at ``source``."""
+    from toolkit.checkpoint import load_model
+    from toolkit.factorize.spec_text import distill_spec
+
+    teacher, _spec, _meta = load_model(source)
+    corpus = _sentences(calibration, 1_000_000)  # every sentence of the corpus, augmented
+
+    def tune(model: Any) -> None:
+        log = distill_spec(model, teacher, text, corpus, steps, lr=lr)
+        console.print(f"distilled {steps} steps ({log.seconds:.0f} s), last loss {log.losses[-1]:.4g}")
+
+    return tune
 
 
 def _sensitivity_rule(
@@ -210,6 +241,7 @@ def _hf(
     samples: int,
     refit: bool,
     distill_steps: int,
+    distill_lr: float,
     onnx_: bool,
     console: Any,
 ) -> Any:
@@ -246,7 +278,7 @@ def _hf(
     )
     if teacher is not None:
         corpus = _sentences(calibration, 1_000_000)  # every sentence of the corpus, augmented
-        distill(model, teacher, augmented_batches(tok, corpus, 32), steps=distill_steps)
+        distill(model, teacher, augmented_batches(tok, corpus, 32), steps=distill_steps, lr=distill_lr)
     with staged_dir(out, overwrite) as tmp:  # weights, report and export swapped in together
         save_factorized_hf(model, tok, report.to_json(), tmp)
         if onnx_:

@@ -290,12 +290,20 @@ def _export_into(
         torch_out = _to_numpy(model(*[torch.from_numpy(sample[n]) for n in in_names]))
     io = [(list(s.input_names), list(s.output_names)) for s in model.stages]
 
+    from toolkit.export.fusion import attention_fusion
+
+    fuse = attention_fusion(model)  # encoders: onnxruntime's Attention / SkipLayerNorm / BiasGelu
+    unfused: list[bytes] = []  # the graphs before fusion, in order (stages, then fused): int8 source
+
     def finish(proto: onnx.ModelProto, ins: list[str], outs: list[str], fname: str) -> bytes:
         check_model(proto, ins, outs)
         data = compact(proto).SerializeToString()
         if optimize:
             data = _optimize(data, tmp, fname)
             check_model(onnx.load_from_string(data), ins, outs)
+        unfused.append(data)
+        if fuse is not None:
+            data = fuse(data)  # contrib ops: checked by running it against torch below
         return data
 
     stage_entries: list[dict[str, Any]] = []
@@ -363,6 +371,7 @@ def _export_into(
         def run_chain(blobs: Sequence[bytes], feeds: dict[str, np.ndarray] = sample) -> list[np.ndarray]:
             return _chain_onnx([cpu_session(b) for b in blobs], io, feeds, out_names)
 
+        plain = unfused[: len(stage_bytes)]  # int8 from the unfused graphs
         select = None
         if selection is not None:
             sel_feeds, sel_targets = selection
@@ -370,14 +379,14 @@ def _export_into(
             def run_select(blobs: Sequence[bytes]) -> list[np.ndarray]:
                 return run_chain(blobs, sel_feeds)
 
-            select = (run_select, run_select(stage_bytes), sel_targets)
+            select = (run_select, run_select(plain), sel_targets)
         setting, q_stages, quant_report = quant.choose_and_quantize(
-            stage_bytes, calibration, run_chain, chained, targets, quant_candidates, select=select
+            plain, calibration, run_chain, chained, targets, quant_candidates, select=select
         )
         for i, blob in enumerate(q_stages):
             stage_entries[i]["files"]["int8"] = _write(tmp, _stage_file(i, "int8"), blob)
         fused_q = quant.quantize_model(
-            fused,
+            unfused[len(stage_bytes)],
             setting,
             [{k: v[j : j + CALIB_BATCH] for k, v in calib.items()} for j in range(0, n, CALIB_BATCH)],
         )

@@ -167,6 +167,7 @@ def distill(
     steps: int = 200,
     lr: float = 1e-4,
     params: Sequence[nn.Parameter] | None = None,
+    hidden: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = last_hidden,
 ) -> DistillLog:
     """Distil the teacher's token states into the student: loss = MSE(h_s, h_t) + (1 − cos(pool_s, pool_t)).
 
@@ -180,6 +181,8 @@ def distill(
         steps: optimizer steps.
         lr: peak learning rate.
         params: parameters to train (default: every parameter of the student).
+        hidden: (model, batch) ↦ token states (B, T, d) (default: a transformers encoder's last
+            hidden state; ``toolkit.factorize.spec_text.spec_hidden`` for a spec model).
 
     Returns:
         A DistillLog.
@@ -196,8 +199,8 @@ def distill(
     for step in range(steps):
         batch = train_batches(step) if callable(train_batches) else train_batches[step % len(train_batches)]
         with torch.no_grad():
-            h_t = last_hidden(teacher, batch)  # (B, T, d)
-        h_s = last_hidden(student, batch)
+            h_t = hidden(teacher, batch)  # (B, T, d)
+        h_s = hidden(student, batch)
         mask = batch["attention_mask"]
         m = mask.unsqueeze(-1).to(h_s.dtype)
         mse = ((h_s - h_t).pow(2) * m).sum() / (m.sum() * h_s.shape[-1])

@@ -8,7 +8,7 @@ exactly these shapes and ``load_model`` on the output gives the factorized model
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ def factorize_checkpoint(
     *,
     calibration: Iterable[Any] | None = None,
     include: str | None = None,
+    tune: Callable[[nn.Module], None] | None = None,
     **options: Any,
 ) -> tuple[nn.Module, FactorizeReport, Path]:
     """Load a (dense) spec checkpoint, factorize it, save the new spec + checkpoint under ``out_dir``.
@@ -44,6 +45,8 @@ def factorize_checkpoint(
         out_dir: run directory to write (``out_dir/checkpoints/best-00000000`` + ``spec.json`` + ``factorize.json``).
         calibration: batches for ``model(*batch)`` (tuples of tensors) or None.
         include: regex on module names ``stages.<k>.<node id>`` (see ``node_pattern``).
+        tune: called on the factorized model before it is saved (e.g. distillation against the
+            dense model, ``toolkit.factorize.spec_text.distill_spec``).
         options: rank rule and method options of factorize_module.
 
     Returns:
@@ -53,6 +56,8 @@ def factorize_checkpoint(
 
     model, _spec, meta = load_model(source)
     report = factorize_module(model, include=include, calibration=calibration, **options)
+    if tune is not None:
+        tune(model)
     new_spec = model.to_spec().resolved()
     out = Path(out_dir)
     ckpt = save_checkpoint(

@@ -1,10 +1,11 @@
 """Multi-head scaled dot-product attention as explicit math (no fused kernel).
 
-softmax(Q Kᵀ / √d_head + mask) V per head, written with matmul / masked_fill / softmax so that
+softmax(Q Kᵀ / √d_head + mask) V per head, written with matmul / add (or masked_fill) / softmax so that
 torch.func's jvp and vjp (and their compositions: the Hessian-free optimizer's curvature products)
 work through it, double differentiation included; fused ``scaled_dot_product_attention`` kernels
 are not all twice differentiable. The Q, K, V and output projections are not part of this module:
-they are ordinary (factorizable) ``linear`` nodes of the spec.
+they are ordinary (factorizable) ``linear`` nodes of the spec. A padding mask without ``causal`` is
+added in BERT's form, (1 − mask)·lowest, which onnxruntime's attention fusion matches.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ class Attention(nn.Module):
         kh = k.reshape(b, s, h, dh).transpose(1, 2)  # (B, h, S, dh)
         vh = v.reshape(b, s, h, dh).transpose(1, 2)  # (B, h, S, dh)
         scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(dh)  # (B, h, T, S)
+        if mask is not None and not self.causal:
+            # the additive form of BERT (0 or the lowest value added before the softmax): the pattern
+            # onnxruntime's attention fusion recognizes (toolkit.export.fusion)
+            low = torch.finfo(scores.dtype).min
+            scores = scores + (1.0 - mask.unsqueeze(1).unsqueeze(2).to(scores.dtype)) * low  # (B, 1, 1, S)
+            mask = None
         hide: torch.Tensor | None = None
         if mask is not None:
             hide = (mask == 0)[:, None, None, :]  # (B, 1, 1, S)

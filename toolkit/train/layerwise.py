@@ -164,6 +164,7 @@ def train_layerwise(
 
     atomic_write_bytes(run / "spec.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False).encode())
     data = load_data(cfg.data, spec.inputs)
+    multi = len(student.output_names) > 1
     # activations at the current cut, per split: name -> array (teacher's)
     acts = {part: dict(getattr(data, part).inputs) for part in ("train", "val", "test")}
     fit_cfg = cfg.model_copy(update={"loss": "mse", "metrics": []})
@@ -220,6 +221,9 @@ def train_layerwise(
         s_stage.to("meta")
         del t_stage, s_stage, trained, targets
         gc.collect()
+    # several outputs (an encoder's token states and pooled embedding): no one loss on the data's
+    # targets applies, so the assembled student is scored against the teacher's outputs instead
+    final = {p: [acts[p][n] for n in student.output_names] for p in ("val", "test")} if multi else None
     del acts, t_model
     for k, stage in enumerate(student.stages):  # the meta student takes the trained tensors as they are
         stage.load_state_dict(
@@ -230,8 +234,12 @@ def train_layerwise(
     loss_fn = get_loss(cfg.loss)
     names = list(student.input_names)
     student.eval()
-    val = evaluate(student, data.val, names, cfg.loss, loss_fn, dev, dtype)
-    test = evaluate(student, data.test, names, cfg.loss, loss_fn, dev, dtype)
+    if final is not None:
+        val = _teacher_error(student, data.val, names, final["val"], dev, dtype)
+        test = _teacher_error(student, data.test, names, final["test"], dev, dtype)
+    else:
+        val = evaluate(student, data.val, names, cfg.loss, loss_fn, dev, dtype)
+        test = evaluate(student, data.test, names, cfg.loss, loss_fn, dev, dtype)
     meta = {"layerwise": True, "teacher": str(teacher), "step": total_steps, "dense": False}
     ckpt = save_checkpoint(
         run / CKPT_DIR, f"step-{total_steps:08d}", student, student.to_spec().resolved(), meta, {}
@@ -245,6 +253,41 @@ def train_layerwise(
     _write_json(run / "summary.json", result.to_dict())
     shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+@torch.no_grad()
+def _teacher_error(
+    student: nn.Module,
+    split: Split,
+    names: list[str],
+    teacher_out: list[np.ndarray],
+    dev: torch.device,
+    dtype: torch.dtype,
+    batch: int = 256,
+) -> dict[str, float]:
+    """The student's outputs against the teacher's on a split, each output flattened and concatenated.
+
+    Returns:
+        {"loss": mean squared error, "rel_error": ‖S − T‖ / ‖T‖}; {} for an empty split.
+    """
+    n = len(split)
+    if n == 0:
+        return {}
+    sq, ref = 0.0, 0.0
+    for s in range(0, n, batch):
+        xs = [
+            torch.as_tensor(split.inputs[k][s : s + batch]).to(dev, dtype)
+            if split.inputs[k].dtype.kind == "f"
+            else torch.as_tensor(split.inputs[k][s : s + batch]).to(dev)
+            for k in names
+        ]
+        out = student(*xs)
+        got = torch.cat([o.flatten(1) for o in (out if isinstance(out, tuple | list) else (out,))], 1)
+        want = torch.cat([torch.as_tensor(t[s : s + batch]).flatten(1) for t in teacher_out], 1).to(got)
+        sq += float((got - want).double().pow(2).sum())
+        ref += float(want.double().pow(2).sum())
+    width = sum(int(np.prod(t.shape[1:])) for t in teacher_out)
+    return {"loss": sq / (n * width), "rel_error": (sq / ref) ** 0.5 if ref > 0 else float("inf")}
 
 
 def _materialize_teacher(
