@@ -6,7 +6,7 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
    mean-pooled embeddings to transformers' on real sentences (the CPython reference manual).
 2. Latency p50/p90 at batch 1 and 32 (sentences of the reference manual, padded to the batch's
    longest, at most 128 tokens): the 3-stage export through toolkit.runtime.Executor, the fused
-   export, and (batch 1) torch eager on the spec model; calls interleaved round by round, 2 intra-op
+   export, and (batch 1) torch eager on the spec model and on transformers' BertModel; calls interleaved round by round, 2 intra-op
    threads everywhere (onnxruntime and torch.set_num_threads(2)); also plain onnxruntime sessions with
    intra-op thread spinning off (3 sessions' spinning pools compete on 2 cores).
    "staged, export with fused ops" runs an export made with RLHF_EXPORT_FUSION=1 (onnxruntime's fused
@@ -25,7 +25,8 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
 
 Usage: python benchmarks/bench_transformer.py [--quick] [--out docs/benchmarks/transformer.md]
        [--distill-steps N] [--hf-baseline] [--ranks-from docs/benchmarks/factorize.json]
-       [--only factorize]  (re-measure one section; the others are kept from the last report's .json)
+       [--only factorize|runtime]  (re-measure section 5, or sections 1-4; the rest is kept from the
+       last report's .json)
 """
 
 from __future__ import annotations
@@ -302,7 +303,10 @@ def main() -> int:
     parser.add_argument("--hf-baseline", action="store_true", help="section 5: also the HF path, same steps")
     parser.add_argument("--ranks-from", default=None, help="section 5: bench_factorize's .json (its ranks)")
     parser.add_argument(
-        "--only", choices=["factorize"], default=None, help="re-measure one section, keep the others"
+        "--only",
+        choices=["factorize", "runtime"],
+        default=None,
+        help="re-measure section 5 (factorize) or sections 1-4 (runtime), keep the rest",
     )
     args = parser.parse_args()
     if args.rss_worker:
@@ -368,7 +372,6 @@ def main() -> int:
             "hidden_max_abs_real_tokens": float((hidden - ref)[mask].abs().max()),
             "pooled_max_abs": float((pooled.double() - want).abs().max()),
         }
-        del hf
 
         # 2. export (3 stages, int8) and latency
         t0 = time.perf_counter()
@@ -412,11 +415,19 @@ def main() -> int:
                         return model(*ts)
 
                 fns["torch eager"] = eager
+                hf_feeds = {k: torch.as_tensor(v) for k, v in f.items()}
+
+                def hf_eager(hf_feeds: dict[str, torch.Tensor] = hf_feeds, bert: Any = hf) -> object:
+                    with torch.no_grad():
+                        return bert(**hf_feeds)
+
+                fns["transformers eager"] = hf_eager
             lat[str(batch)] = {
                 "seq": int(next(iter(f.values())).shape[1]),
                 "results": interleaved(fns, batch, seconds, 5 if batch == 32 else 20),
             }
         r["latency"] = lat
+        del hf
 
         # 3. int8
         evalf = tokenize(text, sentences(16 if args.quick else 128, 700), MAX_TOKENS)
@@ -449,10 +460,13 @@ def main() -> int:
         r["memory"] = runs
 
         # 5. factorized + distilled on the spec path
-        r["factorize"] = {
-            "load_avg_at_start": os.getloadavg()[0],
-            **factorize_section(work / "minilm", steps, args.hf_baseline, args.ranks_from, args.quick),
-        }
+        if args.only == "runtime":
+            r["factorize"] = json.loads(Path(args.out).with_suffix(".json").read_text())["factorize"]
+        else:
+            r["factorize"] = {
+                "load_avg_at_start": os.getloadavg()[0],
+                **factorize_section(work / "minilm", steps, args.hf_baseline, args.ranks_from, args.quick),
+            }
     r["machine"]["load_avg_at_end"] = os.getloadavg()[0]
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -507,10 +521,11 @@ def report(r: dict[str, Any]) -> str:
             lines.append(
                 f"- batch {batch}: export without / with onnxruntime's fused ops (staged) = {gain:.2f}x"
             )
-        if "torch eager" in res:
-            lines.append(
-                f"- batch {batch}: torch eager / onnxruntime staged = {res['torch eager']['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
-            )
+        for peer in ("torch eager", "transformers eager"):
+            if peer in res:
+                lines.append(
+                    f"- batch {batch}: {peer} / onnxruntime staged = {res[peer]['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
+                )
     q = r["int8"]
     lines += [
         "",
