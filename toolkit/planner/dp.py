@@ -423,3 +423,40 @@ def plan_pipeline(
         seconds=time.perf_counter() - t0,
         method=method,
     )
+
+
+def plan_least_lowering(
+    profile: ModelProfile,
+    cluster: Cluster,
+    objective: str = "throughput",
+    *,
+    rank_scales: Sequence[float] = (1.0, 0.5, 0.25),
+    max_exact: int = MAX_EXACT,
+    max_stages: int | None = None,
+) -> Plan:
+    """The best plan that lowers ranks as little as it must: full ranks if any plan fits, else ...
+
+    Tries :func:`plan_pipeline` with the scales ``1``, then ``1`` and the next scale down, and so
+    on, and returns the first plan that fits. The programme itself picks a stage's largest scale
+    that fits, but it is free to choose stages that need a lower one when they run faster; allowing
+    only the scales a fitting plan needs keeps it from lowering ranks (and accuracy) for speed alone.
+
+    Raises:
+        InputError: as :func:`plan_pipeline` with every scale allowed.
+    """
+    scales = sorted({float(x) for x in rank_scales} | {1.0}, reverse=True)
+    for i in range(1, len(scales)):
+        try:
+            return plan_pipeline(
+                profile,
+                cluster,
+                objective,
+                max_exact=max_exact,
+                max_stages=max_stages,
+                rank_scales=scales[:i],
+            )
+        except InputError:
+            continue
+    return plan_pipeline(
+        profile, cluster, objective, max_exact=max_exact, max_stages=max_stages, rank_scales=scales
+    )
