@@ -403,6 +403,7 @@ def plan(
             for node in new_spec_doc["nodes"]:
                 if node["id"] in lowered:
                     node["factorize"] = {"rank": lowered[node["id"]]}
+    _, _, full_rank = evaluate(prof, cluster, result.partition(), [st.device for st in result.stages])
     report: dict[str, Any] = {
         "source": str(source),
         "run": None if run_dir is None else str(run_dir),
@@ -415,10 +416,14 @@ def plan(
                 "nodes": stage_nodes[i],
                 "rank_scale": result.stages[i].rank_scale,
                 "compute_s": st.compute_s,
+                "compute_s_estimated": result.stages[i].compute_s,
+                "compute_s_full_rank": full_rank[i].compute_s,
                 "memory_bytes": st.memory_bytes,
             }
             for i, st in enumerate(shown)
         ],
+        "estimated": {"bottleneck_s": result.bottleneck_s, "latency_s": result.latency_s},
+        "clock": clock,
         "lowered": [r.to_dict() for r in records],
         "lowered_time": "measured" if measured else None,
         "validation": metrics,
