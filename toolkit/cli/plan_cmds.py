@@ -192,10 +192,12 @@ def profile(source: Path, batch: int, threads: int, seconds: float, clock: str, 
 @click.option(
     "--lower-ranks",
     is_flag=True,
-    help="A stage that fits no device may run its factorized nodes at 1/2 or 1/4 of their trained "
-    "ranks (best rank-k approximation of each U·V, by SVD). Needs the trained weights (SOURCE a run "
-    "directory, or --run): the validation loss/accuracy before and after is measured and shown, the "
-    "lowered nodes are timed with onnxruntime, and both go into the placement file.",
+    help="When no plan fits at the trained ranks, a stage may run its factorized nodes at 1/2 (else "
+    "1/4) of them, lowered only as far as a fitting plan needs (fewest factor bytes dropped); each "
+    "lowered U·V is truncated to its best rank-k approximation (SVD). Needs the trained weights "
+    "(SOURCE a run directory, or --run): the validation loss/accuracy at the trained and the lowered "
+    "ranks is measured and shown, the lowered nodes are timed with onnxruntime, and both go into "
+    "the placement file.",
 )
 @click.option(
     "--run",
