@@ -333,3 +333,18 @@ def test_lower_model_keeps_the_original(trained: dict[str, Path]) -> None:
         assert torch.equal(v, before[k])
     with pytest.raises(InputError, match="node 'head': expected a factorized node"):
         lower_model(model, {"head": 2})
+
+
+def test_profile_json_with_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    """A saved profile of the spec plus --run: planned without measuring the full model again."""
+    prof = tmp_path / "profile.json"
+    res = CliRunner().invoke(
+        main, ["profile", str(trained["spec"]), "--batch", "8", "--seconds", "0.05", "-o", str(prof)]
+    )
+    assert res.exit_code == 0, res.output
+    res = _plan(trained, prof, "--run", trained["run"], "--lower-ranks", "--placement", tmp_path / "p.yaml")
+    assert res.exit_code == 0, res.output
+    assert "fc1 16->4" in res.output
+    pred = load_placement(tmp_path / "p.yaml").predicted
+    assert pred is not None and pred["val_accuracy"] <= 1.0 and "val_accuracy_full_rank" in pred
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "profile.json"]  # no planned spec

@@ -72,8 +72,15 @@ def _check_same_model(prof: Any, model: Any, run: Path) -> None:
             )
 
 
-def _val_metrics(model: Any, spec: Any, meta: dict[str, Any], run: Path) -> dict[str, float]:
-    """Loss (and accuracy for classifiers) of ``model`` on the run's validation split, on the CPU."""
+def _val_metrics(
+    models: dict[str, Any], spec: Any, meta: dict[str, Any], run: Path
+) -> dict[str, dict[str, float]]:
+    """Loss (and accuracy for classifiers) of each model on the run's validation split, on the CPU.
+
+    Raises:
+        InputError: the run was trained on other data than its spec's ``train.data`` gives (data
+            passed in memory), or the split is empty.
+    """
     import torch
 
     from toolkit.data import check_targets, load_data
@@ -94,16 +101,19 @@ def _val_metrics(model: Any, spec: Any, meta: dict[str, Any], run: Path) -> dict
             f"--run {run}: expected a validation split to measure the accuracy cost on, got none "
             f"(train.data.val_fraction is {cfg.data.val_fraction})"
         )
-    param = next(model.parameters())
+    first = next(iter(models.values()))
+    param = next(first.parameters())
     with torch.no_grad():
-        x = tuple(torch.from_numpy(val.inputs[n][:1]) for n in model.input_names)
-        out = model(*(t.to(param.dtype) if t.is_floating_point() else t for t in x))
+        x = tuple(torch.from_numpy(val.inputs[n][:1]) for n in first.input_names)
+        out = first(*(t.to(param.dtype) if t.is_floating_point() else t for t in x))
     out = out[0] if isinstance(out, tuple) else out
     val.targets = check_targets(splits.source, val.targets, cfg.loss, int(out.shape[-1]))
-    res = evaluate(
-        model, val, list(model.input_names), cfg.loss, get_loss(cfg.loss), param.device, param.dtype
-    )
-    return {**res, "examples": float(len(val))}
+    results = {}
+    for name, model in models.items():
+        p = next(model.parameters())
+        res = evaluate(model, val, list(model.input_names), cfg.loss, get_loss(cfg.loss), p.device, p.dtype)
+        results[name] = {**res, "examples": float(len(val))}
+    return results
 
 
 _SOURCE = click.argument("source", type=click.Path(exists=True, path_type=Path))
@@ -306,8 +316,7 @@ def plan(
         from toolkit.planner.measure import profile_spec
 
         assert run_dir is not None
-        metrics["full_rank"] = _val_metrics(model, tspec, meta, run_dir)
-        metrics["lowered"] = _val_metrics(low_model, tspec, meta, run_dir)
+        metrics = _val_metrics({"full_rank": model, "lowered": low_model}, tspec, meta, run_dir)
         low_prof = profile_spec(low_model.to_spec(), batch, threads=threads, seconds=seconds, clock=clock)
         by_node = {u.nodes[0]: u for u in low_prof.units if u.nodes}
         units = tuple(by_node[u.nodes[0]] if u.nodes and u.nodes[0] in lowered else u for u in prof.units)
@@ -321,7 +330,7 @@ def plan(
     for col in ("stage", "device", "units", "compute ms", "memory MiB", "send ms", "ranks"):
         table.add_column(col, justify="left" if col in ("device", "units", "ranks") else "right")
     for i, (st, planned_st) in enumerate(zip(shown, result.stages)):
-        names = [u.name for u in prof.units[st.start : st.stop]]
+        names = [u.nodes[0] if len(u.nodes) == 1 else u.name for u in prof.units[st.start : st.stop]]
         label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
         mine = [r for r in records if r.node in stage_nodes[i]]
         if planned_st.rank_scale == 1:
@@ -442,7 +451,8 @@ def plan(
     if out is not None:
         _write_lowered(out, overwrite, low_model, meta, run_dir, report)
         click.echo(f"wrote {out} (export it with `rlhf export {out}`, then serve it with the placement)")
-    if new_spec_doc is not None and (spec_out is not None or not source_is_run):
+    spec_file = not source_is_run and source.suffix.lower() != ".json"
+    if new_spec_doc is not None and (spec_out is not None or spec_file):
         spec_path = spec_out or source.with_suffix(".planned.yaml")
         atomic_write_bytes(spec_path, yaml.safe_dump(new_spec_doc, sort_keys=False).encode("utf-8"))
         click.echo(
