@@ -122,9 +122,8 @@ def default_export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_plan_lowers_ranks_only_with_the_flag(profile_json: Path, tmp_path: Path) -> None:
-    from toolkit.spec import load_spec
-
+def test_plan_lowers_ranks_only_with_the_flag_and_weights(profile_json: Path, tmp_path: Path) -> None:
+    """fc1 fits no device at rank 24; --lower-ranks needs the trained weights (tests/planner/test_lowering.py)."""
     devices = tmp_path / "devices.yaml"
     devices.write_text(
         "devices: [{name: a, memory: 40KB}, {name: b, memory: 40KB}, {name: c, memory: 40KB}]\n"
@@ -136,8 +135,5 @@ def test_plan_lowers_ranks_only_with_the_flag(profile_json: Path, tmp_path: Path
     res = CliRunner().invoke(main, [*args, "--placement", str(tmp_path / "p.yaml")])
     assert res.exit_code == 2 and "fc1" in res.output, res.output  # fc1 fits no device at rank 24
     res = CliRunner().invoke(main, [*args, "--placement", str(tmp_path / "p.yaml"), "--lower-ranks"])
-    assert res.exit_code == 0, res.output
-    assert "lowered ranks to fit" in res.output
-    before, after = load_spec(spec_copy), load_spec(tmp_path / "default.planned.yaml")
-    assert after.analysis.plans["fc1"].rank < before.analysis.plans["fc1"].rank == 24
-    assert after.analysis.plans["head"].kind == "dense"  # untouched
+    assert res.exit_code == 2 and "--lower-ranks: expected trained weights" in res.output, res.output
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "default.planned.yaml").exists()

@@ -335,3 +335,68 @@ def test_rank_lowering_makes_a_plan_fit() -> None:
     plan = plan_pipeline(profile, cluster, rank_scales=(1.0, 0.5))
     assert [s.rank_scale for s in plan.stages] == [0.5, 0.5]
     assert all(s.memory_bytes <= 120_000 for s in plan.stages)
+
+
+def test_least_lowered_equals_brute_force() -> None:
+    """least_lowered: the fewest factor bytes dropped over all fitting plans, then the smallest bottleneck."""
+    rng = np.random.default_rng(11)
+    scales = (1.0, 0.5, 0.25)
+    checked = 0
+    for _ in range(8):
+        n, k = 5, 3
+        units = []
+        for i in range(n):
+            rb = int(rng.integers(50, 150)) * 1000
+            rank = int(rng.choice([0, 32]))  # some units are not factorized
+            units.append(
+                Unit(
+                    f"u{i}",
+                    float(rng.uniform(0.5, 2)),
+                    rb + 1000,
+                    (f"u{i}",),
+                    rank=rank,
+                    rank_bytes=rb * (rank > 0),
+                )
+            )
+        profile = ModelProfile("r", 1, tuple(units), tuple([1000] * (n + 1)))
+        doc = {
+            "devices": [
+                {
+                    "name": f"d{i}",
+                    "memory": int(rng.integers(80, 250)) * 1000,
+                    "speed": float(rng.uniform(0.5, 2)),
+                }
+                for i in range(k)
+            ],
+            "links": {"default": {"bandwidth": 1e6, "latency": 0.01}},
+        }
+        cluster = parse_devices(doc)
+        best = (math.inf, math.inf)
+        for kk in range(1, k + 1):
+            for inner in itertools.combinations(range(1, n), kk - 1):
+                bounds = [0, *inner, n]
+                for seq in itertools.permutations(range(k), kk):
+                    times, lost, ok = [], 0, True
+                    for (s, e), d in zip(itertools.pairwise(bounds), seq):
+                        for sc in scales:  # the stage's largest scale that fits
+                            us = [u.at_rank_scale(sc) for u in units[s:e]]
+                            if sum(u.weight_bytes for u in us) + 2000 <= doc["devices"][d]["memory"]:
+                                break
+                        else:
+                            ok = False
+                            break
+                        times.append(sum(u.seconds for u in us) / doc["devices"][d]["speed"])
+                        lost += sum(a.weight_bytes - b.weight_bytes for a, b in zip(units[s:e], us))
+                    if ok:
+                        times += [0.01 + 1000 / 1e6] * (kk - 1)
+                        cand = (lost, max(times))
+                        if cand[0] < best[0] or (cand[0] == best[0] and cand[1] < best[1]):
+                            best = cand
+        if not math.isfinite(best[1]):
+            continue
+        plan = plan_pipeline(profile, cluster, rank_scales=scales, least_lowered=True)
+        lost = sum(stage_memory(profile, st.start, st.stop) - st.memory_bytes for st in plan.stages)
+        assert lost == best[0]
+        np.testing.assert_allclose(plan.bottleneck_s, best[1], rtol=1e-9)
+        checked += 1
+    assert checked >= 4

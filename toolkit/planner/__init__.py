@@ -12,7 +12,7 @@ plan.bottleneck_s, plan.throughput, plan.latency_s, plan.lower_bound_s
 """
 
 from toolkit.planner.devices import Cluster, Device, Link, load_devices, parse_devices
-from toolkit.planner.dp import Plan, Stage, evaluate, lower_bound, plan_pipeline
+from toolkit.planner.dp import Plan, Stage, evaluate, lower_bound, plan_least_lowering, plan_pipeline
 from toolkit.planner.profile import ModelProfile, Unit
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "load_devices",
     "lower_bound",
     "parse_devices",
+    "plan_least_lowering",
     "plan_pipeline",
 ]

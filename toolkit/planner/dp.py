@@ -252,6 +252,7 @@ def plan_pipeline(
     max_exact: int = MAX_EXACT,
     max_stages: int | None = None,
     rank_scales: Sequence[float] = (1.0,),
+    least_lowered: bool = False,
 ) -> Plan:
     """Best partition of the profile's units into stages and the device of each stage.
 
@@ -264,6 +265,9 @@ def plan_pipeline(
         rank_scales: rank scales a stage may use, e.g. ``(1.0, 0.5, 0.25)``: a stage whose units
             do not fit a device at full rank takes the largest scale at which they fit (its
             factorized units' ranks times that scale, at least 1). Default: ranks stay as they are.
+        least_lowered: with rank scales, first minimise the factor bytes the lowering drops (summed
+            over the stages), then the objective: ranks are lowered only as far as a fitting plan
+            needs, never for speed alone (False: the objective alone, lowering whatever runs faster).
 
     Returns:
         The :class:`Plan`.
@@ -299,6 +303,7 @@ def plan_pipeline(
     valid = kk > jj
     comp = [np.full((n + 1, n + 1), inf) for _ in devs]
     scale_of = [np.zeros((n + 1, n + 1), np.int64) for _ in devs]  # index into ``scales``
+    dropped = [np.zeros((n + 1, n + 1), np.int64) for _ in devs]  # factor bytes the stage's scale drops
     for si, prof_s in enumerate(scaled):  # largest scale first: a stage is lowered only if it must be
         cs, ws, _ = _prefix(prof_s)
         mem_need = np.where(valid, ws[kk] - ws[jj] + a[jj] + a[kk], np.iinfo(np.int64).max)
@@ -306,6 +311,8 @@ def plan_pipeline(
             take = valid & (mem_need <= dev.memory) & np.isinf(comp[di])
             comp[di] = np.where(take, (cs[kk] - cs[jj]) / dev.speed, comp[di])
             scale_of[di] = np.where(take, si, scale_of[di])
+            if least_lowered:
+                dropped[di] = np.where(take, (w[kk] - w[jj]) - (ws[kk] - ws[jj]), dropped[di])
     links = np.full((k_dev, k_dev, n + 1), inf)
     for x, dx in enumerate(devs):
         for y, dy in enumerate(devs):
@@ -315,13 +322,18 @@ def plan_pipeline(
     twins = _twins(devs, cluster)
     primary_is_max = objective == "throughput"
 
-    # best[(mask, d)] = (P, L, back): P bottleneck, L latency over prefixes k; back[k] = (j, prev device)
-    best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    # best[(mask, d)] = (P, L, back_j, back_d, C): P bottleneck, L latency over prefixes k; back[k] =
+    # (j, prev device); C the factor bytes dropped by lowering (NONE where the prefix has no plan).
+    # States compare by (C, objective, the other figure): C adds up over stages and both figures
+    # are monotone in a prefix's, so the lexicographic programme stays exact.
+    none = np.int64(2**62)
+    best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     for d in range(k_dev):
         if twins[d] >= 0:
             continue
         p = comp[d][0].copy()
-        best[(1 << d, d)] = (p, p.copy(), np.zeros(n + 1, np.int64), np.full(n + 1, -1, np.int64))
+        c0 = np.where(np.isfinite(p), dropped[d][0], none)
+        best[(1 << d, d)] = (p, p.copy(), np.zeros(n + 1, np.int64), np.full(n + 1, -1, np.int64), c0)
     cols = np.arange(n + 1)
     for mask in range(1, 1 << k_dev):
         if bin(mask).count("1") >= limit_stages:
@@ -330,7 +342,7 @@ def plan_pipeline(
             state = best.get((mask, d))
             if state is None:
                 continue
-            p_md, l_md = state[0], state[1]
+            p_md, l_md, c_md = state[0], state[1], state[4]
             if not np.isfinite(p_md[1:n]).any():
                 continue
             for e in range(k_dev):
@@ -342,42 +354,56 @@ def plan_pipeline(
                 cand_p = np.maximum(pa[:, None], comp[e])  # (j, k)
                 cand_l = la[:, None] + comp[e]
                 first, second = (cand_p, cand_l) if primary_is_max else (cand_l, cand_p)
+                cand_c = np.where(np.isfinite(first), np.minimum(c_md, none)[:, None] + dropped[e], none)
+                least = cand_c <= cand_c.min(axis=0)  # the least lowering first
+                first = np.where(least, first, inf)
                 lo = first.min(axis=0)
-                tie = np.where(first <= lo * (1 + 1e-12), second, inf)
+                tie = np.where(least & (first <= lo * (1 + 1e-12)), second, inf)
                 arg = tie.argmin(axis=0)
-                new_p, new_l = cand_p[arg, cols], cand_l[arg, cols]
+                new_p, new_l, new_c = cand_p[arg, cols], cand_l[arg, cols], cand_c[arg, cols]
                 key = (mask | 1 << e, e)
                 old = best.get(key)
                 if old is None:
-                    best[key] = (new_p, new_l, arg, np.full(n + 1, d, np.int64))
+                    best[key] = (new_p, new_l, arg, np.full(n + 1, d, np.int64), new_c)
                     continue
                 of, os_ = (old[0], old[1]) if primary_is_max else (old[1], old[0])
                 nf, ns = (new_p, new_l) if primary_is_max else (new_l, new_p)
-                better = (nf < of * (1 - 1e-12)) | ((nf <= of * (1 + 1e-12)) & (ns < os_))
+                better = (new_c < old[4]) | (
+                    (new_c == old[4]) & ((nf < of * (1 - 1e-12)) | ((nf <= of * (1 + 1e-12)) & (ns < os_)))
+                )
                 if better.any():
                     best[key] = (
                         np.where(better, new_p, old[0]),
                         np.where(better, new_l, old[1]),
                         np.where(better, arg, old[2]),
                         np.where(better, d, old[3]),
+                        np.where(better, new_c, old[4]),
                     )
     final = None
-    for (mask, d), (p, lat, _, _) in best.items():
+    for (mask, d), (p, lat, _, _, cost) in best.items():
         f, s = (p[n], lat[n]) if primary_is_max else (lat[n], p[n])
+        c = int(cost[n])
         if not math.isfinite(f):
             continue
-        if final is None or f < final[0] * (1 - 1e-12) or (f <= final[0] * (1 + 1e-12) and s < final[1]):
-            final = (f, s, mask, d)
+        if (
+            final is None
+            or c < final[0]
+            or (
+                c == final[0]
+                and (f < final[1] * (1 - 1e-12) or (f <= final[1] * (1 + 1e-12) and s < final[2]))
+            )
+        ):
+            final = (c, f, s, mask, d)
     exact = len(devs) == len(devs_all)
     bound = lower_bound(profile, devs_all, cluster)
     ranges: list[tuple[int, int]] = []
     names: list[str] = []
     stage_scales: list[float] = []
     if final is not None:
-        _, _, mask, d = final
+        _, _, _, mask, d = final
         k = n
         while True:
-            _, _, back_j, back_d = best[(mask, d)]
+            _, _, back_j, back_d, _ = best[(mask, d)]
             j = int(back_j[k])
             ranges.append((j, k))
             names.append(devs[d].name)
@@ -422,4 +448,49 @@ def plan_pipeline(
         candidates=tuple(d.name for d in devs),
         seconds=time.perf_counter() - t0,
         method=method,
+    )
+
+
+def plan_least_lowering(
+    profile: ModelProfile,
+    cluster: Cluster,
+    objective: str = "throughput",
+    *,
+    rank_scales: Sequence[float] = (1.0, 0.5, 0.25),
+    max_exact: int = MAX_EXACT,
+    max_stages: int | None = None,
+) -> Plan:
+    """The best plan that lowers ranks as little as it must.
+
+    Tries :func:`plan_pipeline` with the scale ``1`` alone, then with the next scale down allowed,
+    and so on, and returns the first plan that fits, so no stage goes below the largest scale some
+    fitting plan needs. Within the allowed scales the programme runs with ``least_lowered``: the
+    plan drops the fewest factor bytes of any fitting plan, and among those it is the best for
+    the objective (a stage that fits at full rank is never lowered to make it faster).
+
+    Raises:
+        InputError: as :func:`plan_pipeline` with every scale allowed.
+    """
+    scales = sorted({float(x) for x in rank_scales} | {1.0}, reverse=True)
+    for i in range(1, len(scales)):
+        try:
+            return plan_pipeline(
+                profile,
+                cluster,
+                objective,
+                max_exact=max_exact,
+                max_stages=max_stages,
+                rank_scales=scales[:i],
+                least_lowered=True,
+            )
+        except InputError:
+            continue
+    return plan_pipeline(
+        profile,
+        cluster,
+        objective,
+        max_exact=max_exact,
+        max_stages=max_stages,
+        rank_scales=scales,
+        least_lowered=True,
     )
