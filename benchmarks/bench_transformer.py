@@ -26,7 +26,7 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
 
 Usage: python benchmarks/bench_transformer.py [--quick] [--out docs/benchmarks/transformer.md]
        [--distill-steps N] [--hf-baseline] [--ranks-from docs/benchmarks/factorize.json]
-       [--only factorize]  (re-measure one section; the others are kept from the last report's .json)
+       [--only factorize|memory]  (re-measure section 5 or 4; the others are kept from the last report's .json)
 """
 
 from __future__ import annotations
@@ -127,6 +127,23 @@ def rss_worker(export_dir: str, mode: str, batch: int) -> None:
             }
         )
     )
+
+
+def memory_section(exp: Path) -> list[dict[str, Any]]:
+    """Section 4: the resident and the streaming run (budget: half the weights), each in a fresh
+    subprocess (``rss_worker``)."""
+    runs = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for mode in ("resident", "streaming"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-worker", str(exp), mode, "8"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        runs.append({**json.loads(out.stdout.strip().splitlines()[-1]), "load_avg": os.getloadavg()[0]})
+    return runs
 
 
 def interleaved(
@@ -311,13 +328,36 @@ def main() -> int:
     parser.add_argument("--hf-baseline", action="store_true", help="section 5: also the HF path, same steps")
     parser.add_argument("--ranks-from", default=None, help="section 5: bench_factorize's .json (its ranks)")
     parser.add_argument(
-        "--only", choices=["factorize"], default=None, help="re-measure one section, keep the others"
+        "--only",
+        choices=["factorize", "memory"],
+        default=None,
+        help="re-measure one section, keep the others",
     )
     args = parser.parse_args()
     if args.rss_worker:
         rss_worker(args.rss_worker[0], args.rss_worker[1], int(args.rss_worker[2]))
         return 0
     steps = args.distill_steps if args.distill_steps is not None else (20 if args.quick else 2400)
+    if args.only == "memory":  # section 4 on a fresh export (import + export of MiniLM, ~1 min)
+        from toolkit.checkpoint import load_model
+        from toolkit.export import export_model
+        from toolkit.export.text import tokenize
+        from toolkit.factorize.hf import minilm_dir
+        from toolkit.hf_import import import_bert
+
+        out_path = Path(args.out)
+        prev = json.loads(out_path.with_suffix(".json").read_text())
+        with tempfile.TemporaryDirectory(prefix="rlhf-bench-transformer-") as tmp:
+            work = Path(tmp)
+            import_bert(minilm_dir(), work / "minilm")
+            model, _spec, meta = load_model(work / "minilm")
+            feeds = tokenize(meta["text"], sentences(32), MAX_TOKENS)  # section 2's export sample
+            export_model(model, work / "export", sample=feeds, text=meta["text"])
+            prev["memory"] = memory_section(work / "export")
+        out_path.with_suffix(".json").write_text(json.dumps(prev, indent=2))
+        out_path.write_text(report(prev))
+        print(f"wrote {out_path} (section 4 re-measured)")
+        return 0
     if args.only == "factorize":
         import torch
 
@@ -444,18 +484,7 @@ def main() -> int:
         }
 
         # 4. streaming memory, fresh subprocesses
-        runs = []
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        for mode in ("resident", "streaming"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--rss-worker", str(exp), mode, "8"],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=True,
-            )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r["memory"] = runs
+        r["memory"] = memory_section(exp)
 
         # 5. factorized + distilled on the spec path
         r["factorize"] = {
@@ -561,6 +590,14 @@ def report(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"- streaming and resident embeddings bit-identical: {same}",
+        *(
+            [
+                "- load average during these runs: "
+                + ", ".join(f"{run['load_avg']:.2f}" for run in r["memory"])
+            ]
+            if all("load_avg" in run for run in r["memory"])
+            else []
+        ),
         f"- largest stage as loaded: the executor's estimate (`rlhf_runtime.executor.weight_bytes`) at this run's "
         f"{first['batch']} x {first['seq']} tokens: file bytes less the tables read only through Gather "
         f"({first.get('gathered_bytes', 0) / mib:.1f} MiB, the word, position and type embeddings), plus 64 KiB "

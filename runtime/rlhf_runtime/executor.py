@@ -141,7 +141,9 @@ def check_session_io(
             )
 
 
-FAULT_BYTES = 64 * 1024  # what one read of a memory-mapped file brings into memory (Linux fault-around: 16 pages)
+# resident bytes one token's row lookup may bring in from a memory-mapped table evicted from the
+# page cache (measured <= 58 KiB on Linux 6.18 / ext4; the fault-around window is 16 pages)
+FAULT_BYTES = 64 * 1024
 
 
 def weight_bytes(entry: FileEntry, tokens: int | None = None) -> int:
@@ -180,16 +182,20 @@ class Executor:
     several cuts). Before a file is handed to onnxruntime its size and sha256 are checked against
     the manifest, on the very bytes that are loaded.
 
-    Memory: with ``memory_budget=None`` (or a budget that holds every stage) all sessions stay
+    Memory: with ``memory_budget=None`` (or a budget that holds every stage's files) all sessions stay
     resident. Otherwise the executor *streams*: for each run it loads one stage, runs the whole
     batch through it, releases it and goes on, so peak memory is about the largest stage plus the
-    activations crossing the cuts. Resident CPU runs use IO binding: each tensor crossing a cut lives
+    activations crossing the cuts. A streamed stage is loaded by path and onnxruntime memory-maps its
+    external-data file (manifest format version 2): a stage costs the pages its kernels read, and an
+    embedding table read through ``Gather`` only the rows of the batch's tokens (``weight_bytes``:
+    64 KiB per token up to the table); the budget is refused below the largest stage so estimated at
+    batch 1 plus its activations. Resident CPU runs use IO binding: each tensor crossing a cut lives
     in a buffer allocated once per batch size, written by its stage and read in place by the next
     (no per-call allocation or copy between stages); so one Executor must not ``run`` from two
     threads at once. Models with a dynamic axis besides the batch (a sequence length: ``null`` past
-    the first axis in the manifest) run without preallocated buffers. The estimate per stage is its
-    file size (weights) plus the bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
-    pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory.
+    the first axis in the manifest) run without preallocated buffers. In streaming mode the executor
+    pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory,
+    and copies each stage's outputs out of onnxruntime's arena so the arena leaves with its session.
 
     Args:
         export_dir: directory written by ``toolkit.export.export_model`` / ``rlhf export``.
@@ -198,19 +204,22 @@ class Executor:
             RuntimeError (onnxruntime's silent fallback to CPU becomes visible). With "auto", a
             manifest key ``"providers"`` ("cpu", "cuda" or a list) decides; one this onnxruntime
             lacks is an InputError saying what to install.
-        memory_budget: bytes available for weights + activations, or None for no limit.
+        memory_budget: bytes available for one stage's weights (as ``weight_bytes`` counts them) and
+            the tensors crossing its cuts, or None for no limit. onnxruntime's working memory inside
+            a stage (attention scores, intermediates) is not counted.
         session_options: a SessionConfig (threads, memory arena, optimization level) or a dict of
             its fields.
         variant: which files to run: "fp32" or another variant in the manifest (e.g. "int8").
         fused: run the single fused file instead of the stages (for comparison).
-        load_from: "bytes": read the file once, hash those bytes and hand the very same bytes to
-            onnxruntime, so what runs is what was hashed (a file swapped or rewritten after the
-            check cannot slip in); onnxruntime keeps its own copies while it builds the session,
-            about three times the stage's size at load. "path": hash the file in chunks, let
-            onnxruntime read it again, and refuse it if it changed meanwhile (inode, size, mtime):
-            about one stage of memory, but a writer that restores the mtime between the hash and
-            the read is not caught. "auto" (default): "bytes" when resident, "path" when
-            streaming (whose point is the smallest peak memory).
+        load_from: "bytes": read the files once (the ONNX file and its data file), hash those bytes
+            and hand the very same bytes to onnxruntime, so what runs is what was hashed (a file
+            swapped or rewritten after the check cannot slip in); onnxruntime copies the weights,
+            about twice the stage's size at load. "path": hash the files in chunks, let onnxruntime
+            open them (memory-mapping the data file), and refuse the stage's result if either file
+            changed (inode, size, mtime) between the hash and the end of its run: weights as they
+            are read, but a writer that restores the mtime is not caught. "auto" (default): "bytes"
+            when resident, "path" when streaming (whose point is the smallest peak memory). See
+            ``session.open_session``.
         max_buffer_bytes: ceiling on the buffers preallocated for one batch size (the tensors
             crossing the cuts); default ``limits.MAX_BUFFER_BYTES`` (env ``RLHF_MAX_BUFFER_BYTES``).
             A run whose buffers would exceed it is refused with InputError naming the limit.

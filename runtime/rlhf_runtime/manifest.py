@@ -36,7 +36,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from rlhf_runtime.errors import InputError
 from rlhf_runtime.limits import MAX_MANIFEST_BYTES, limit
@@ -153,7 +153,7 @@ def _tensors(obj: Any, where: str) -> tuple[TensorInfo, ...]:
     return out
 
 
-def _int(value: Any) -> bool:
+def _int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -163,7 +163,11 @@ def _entry(entry: Any, w: str, version: int, nested: bool = False) -> FileEntry:
     file, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
     if not isinstance(file, str) or not file:
         raise _fail(f"{w}.file", "a relative path", file)
-    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest):
+    if (
+        not isinstance(digest, str)
+        or len(digest) != 64
+        or any(c not in "0123456789abcdefABCDEF" for c in digest)
+    ):
         raise _fail(f"{w}.sha256", "64 hex digits", digest)
     if not _int(size):
         raise _fail(f"{w}.bytes", "a non-negative int", size)
@@ -176,10 +180,14 @@ def _entry(entry: Any, w: str, version: int, nested: bool = False) -> FileEntry:
     if raw_data is None:
         return FileEntry(file, digest.lower(), size)
     if version < 2:
-        raise _fail(f"{w}.data", "no external data file in a version 1 manifest (version 2 has them)", raw_data)
+        raise _fail(
+            f"{w}.data", "no external data file in a version 1 manifest (version 2 has them)", raw_data
+        )
     data = _entry(raw_data, f"{w}.data", version, nested=True)
     # beside ``file``: checked where both paths are resolved (session.open_session), like every path
-    return FileEntry(file, digest.lower(), size, data=FileEntry(data.file, data.sha256, data.bytes), gathered=data.gathered)
+    return FileEntry(
+        file, digest.lower(), size, data=FileEntry(data.file, data.sha256, data.bytes), gathered=data.gathered
+    )
 
 
 def _files(obj: Any, where: str, version: int = VERSION) -> dict[str, FileEntry]:

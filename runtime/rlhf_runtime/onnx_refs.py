@@ -20,6 +20,9 @@ costs one pass over its few thousand field headers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from rlhf_runtime.errors import InputError
 
 _MODEL, _GRAPH, _FUNCTION, _NODE, _ATTR, _SPARSE, _TENSOR, _TRAINING = range(8)
@@ -49,7 +52,7 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int):  # type: ignore[no-untyped-def]
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
     """(field number, wire type, value or (start, end) of a length-delimited payload)."""
     pos = start
     while pos < end:
@@ -143,7 +146,9 @@ def check_locations(model: bytes | bytearray | memoryview, allowed: str | None, 
     """
     for loc in sorted(external_locations(model, where)):
         if loc != allowed:
-            expected = f"only {allowed!r}, the data file its manifest entry lists" if allowed else (
-                "no external data (its manifest entry lists no data file)"
+            expected = (
+                f"only {allowed!r}, the data file its manifest entry lists"
+                if allowed
+                else ("no external data (its manifest entry lists no data file)")
             )
             raise InputError(f"{where}: stores tensors in {loc!r}: expected {expected}; refusing it")

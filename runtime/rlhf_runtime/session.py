@@ -165,6 +165,11 @@ def create_session(
     """
     options = config.to_ort()
     if external:
+        if not hasattr(options, "add_external_initializers_from_files_in_memory"):
+            raise InputError(
+                f"onnxruntime {ort.__version__} cannot take a model's external-data file from memory: "
+                "upgrade onnxruntime, or load by path (Executor(load_from='path'))"
+            )
         names = list(external)
         options.add_external_initializers_from_files_in_memory(
             names, [external[n] for n in names], [len(external[n]) for n in names]

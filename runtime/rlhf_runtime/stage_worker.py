@@ -66,7 +66,9 @@ class StageWorker:
             units = [(manifest.fused[variant], manifest.inputs, manifest.outputs)]
         self.checks: list[Any] = []
         for entry, ins, outs in units:  # by path: a stage's data file is memory-mapped (open_session)
-            sess, check = open_session(root, entry, ["CPUExecutionProvider"], config, strict=True, load_from="path")
+            sess, check = open_session(
+                root, entry, ["CPUExecutionProvider"], config, strict=True, load_from="path"
+            )
             self.sessions.append(sess)
             self.checks.append(check)
             self.io.append(([t.name for t in ins], [t.name for t in outs]))

@@ -102,7 +102,9 @@ def test_tampered_stage_file_is_refused(export_copy: Path) -> None:
         Executor(export_copy, providers="cpu")
     stages = json.loads((export_copy / "manifest.json").read_text())["stages"]
     streaming = Executor(
-        export_copy, providers="cpu", memory_budget=max(_stage_bytes(s["files"]["fp32"]) for s in stages) + 10_000
+        export_copy,
+        providers="cpu",
+        memory_budget=max(_stage_bytes(s["files"]["fp32"]) for s in stages) + 10_000,
     )
     assert streaming.mode == "streaming"
     with pytest.raises(ValueError, match="sha256 mismatch"):  # checked again when a stage is streamed in

@@ -117,6 +117,7 @@ def test_locations_match_onnx_own_reader(default_export: Fixture, tmp_path: Path
         proto = onnx.load(str(path), load_external_data=False)
         want = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
         assert external_locations(path.read_bytes()) == want
+
     # a hand-built model: external data in a Constant attribute and inside an If's subgraph
     def ext(name: str, location: str) -> onnx.TensorProto:
         t = numpy_helper.from_array(np.zeros(4, np.float32), name)
@@ -151,7 +152,9 @@ def test_locations_match_onnx_own_reader(default_export: Fixture, tmp_path: Path
 
 
 @pytest.mark.parametrize("mode", ["resident", "streaming"])
-def test_streaming_maps_and_matches_resident_bit_for_bit(big_vocab: tuple[Path, dict[str, np.ndarray]], mode: str) -> None:
+def test_streaming_maps_and_matches_resident_bit_for_bit(
+    big_vocab: tuple[Path, dict[str, np.ndarray]], mode: str
+) -> None:
     out, sample = big_vocab
     m = read_manifest(out)
     emb = m.stages[0].files["fp32"]
@@ -241,7 +244,10 @@ def test_entry_without_data_file_must_be_self_contained(export_copy: Path) -> No
     doc = _manifest(export_copy)
     del doc["stages"][0]["files"]["fp32"]["data"]
     _write_manifest(export_copy, doc)
-    with pytest.raises(InputError, match=r"stage_00\.onnx: stores tensors in 'stage_00\.onnx\.data': expected no external data"):
+    with pytest.raises(
+        InputError,
+        match=r"stage_00\.onnx: stores tensors in 'stage_00\.onnx\.data': expected no external data",
+    ):
         Executor(export_copy, providers="cpu")
 
 
@@ -250,7 +256,10 @@ def test_entry_without_data_file_must_be_self_contained(export_copy: Path) -> No
     [
         (lambda d: d["data"].update(file="../stage_00.onnx.data"), r"manifest path .*'\.\.'"),
         (lambda d: d["data"].update(file="/etc/passwd"), r"manifest path .*absolute"),
-        (lambda d: d["data"].update(gathered=d["data"]["bytes"] + 1), r"fp32\.data\.gathered: expected an int from 0"),
+        (
+            lambda d: d["data"].update(gathered=d["data"]["bytes"] + 1),
+            r"fp32\.data\.gathered: expected an int from 0",
+        ),
         (lambda d: d["data"].update(sha256="xyz"), r"fp32\.data\.sha256: expected 64 hex digits"),
     ],
 )
@@ -279,7 +288,9 @@ def test_version_1_manifest_reads_but_may_not_list_data(default_export: Fixture)
     doc = _manifest(default_export[0])
     assert parse_manifest(doc).stages[0].files["fp32"].data is not None
     doc["version"] = 1
-    with pytest.raises(InputError, match=r"stages\[0\]\.files\.fp32\.data: expected no external data file in a version 1"):
+    with pytest.raises(
+        InputError, match=r"stages\[0\]\.files\.fp32\.data: expected no external data file in a version 1"
+    ):
         parse_manifest(doc)
     for stage in doc["stages"]:
         for entry in stage["files"].values():

@@ -366,9 +366,7 @@ def gathered_initializers(graph: onnx.GraphProto) -> set[str]:
             uses.setdefault(out.name, set()).add(("", -1))
 
     walk(graph, True)
-    return {
-        t.name for t in graph.initializer if uses.get(t.name) and uses[t.name] <= {("Gather", 0)}
-    }
+    return {t.name for t in graph.initializer if uses.get(t.name) and uses[t.name] <= {("Gather", 0)}}
 
 
 def to_external_data(
@@ -396,7 +394,11 @@ def to_external_data(
     gathered = gathered_initializers(proto.graph)
     blob = bytearray()
     gathered_bytes = 0
-    big = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= min_bytes]
+    big = [
+        t
+        for t in proto.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= min_bytes
+    ]
     big.sort(key=lambda t: t.name not in gathered)  # the Gather-only tables first: one leading region
     for tensor in big:
         raw = tensor.raw_data
