@@ -338,3 +338,21 @@ def test_cli_export_samples_select_on_validation() -> None:
     np.testing.assert_array_equal(select["x"], splits.val.inputs["x"][:32])
     np.testing.assert_array_equal(select_targets, splits.val.targets[:32])
     assert targets is not None and not np.array_equal(sample["x"], select["x"])
+
+
+def test_export_without_large_tensors_stays_format_1(tmp_path: Path) -> None:
+    """No initializer of 1 KiB: every stage file self-contained, no data file, and the manifest keeps
+    format version 1 (an older runtime still loads it); a larger model's stages get data files and 2."""
+    small = ToyModel(d_in=8, hidden=8, classes=3, rank=2).eval()
+    sample = toy_sample(small, 4)
+    manifest = export_model(small, tmp_path / "small", sample=sample)
+    assert manifest["version"] == 1 and not list((tmp_path / "small").glob("*.data"))
+    assert all("data" not in s["files"]["fp32"] for s in manifest["stages"])
+    got = Executor(tmp_path / "small", providers="cpu").run(sample)["head"]
+    with torch.no_grad():
+        want = small(*[torch.from_numpy(sample[n]) for n in small.input_names])
+    want = want[0] if isinstance(want, tuple) else want
+    np.testing.assert_allclose(got, want.numpy(), rtol=RTOL, atol=ATOL)
+    large = ToyModel(d_in=64, hidden=128, rank=32).eval()
+    manifest = export_model(large, tmp_path / "large", sample=toy_sample(large, 4))
+    assert manifest["version"] == 2 and any("data" in s["files"]["fp32"] for s in manifest["stages"])

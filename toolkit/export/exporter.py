@@ -19,7 +19,7 @@ from torch import nn
 
 from toolkit.errors import InputError
 from toolkit.export import quantize as quant
-from toolkit.export.manifest import build_manifest, file_entry, tensor_info
+from toolkit.export.manifest import build_manifest, file_entry, format_version, tensor_info
 from toolkit.export.onnx_io import DEFAULT_OPSET, check_model, compact, export_module, to_external_data
 from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, cpu_session, run_onnx
 from toolkit.fsio import replace_dir, write_synced
@@ -156,6 +156,7 @@ def _externalize_stages(tmp: Path, manifest: dict[str, Any]) -> None:
                 **file_entry(name, model),
                 "data": {**file_entry(data_name, blob), "gathered": gathered},
             }
+    manifest["version"] = format_version(manifest["stages"])
 
 
 def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
