@@ -572,7 +572,8 @@ def report(r: dict[str, Any]) -> str:
         "## Streaming memory (batch 8, fresh subprocess each)",
         "",
         "Stage weights are ONNX external data (`stage_NN.onnx.data`); streaming loads each stage by path, so "
-        "onnxruntime maps the data file and a kernel faults in the pages it reads. Budget of the streaming run: "
+        "onnxruntime maps the data file and a kernel faults in the pages it reads; its sessions run without "
+        "onnxruntime's memory arena (each serves one run). Budget of the streaming run: "
         "half the weights. Peak RSS: VmHWM above the baseline once onnxruntime's environment is up (mapped "
         "file pages count).",
         "",

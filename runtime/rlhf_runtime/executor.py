@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -195,7 +196,8 @@ class Executor:
     threads at once. Models with a dynamic axis besides the batch (a sequence length: ``null`` past
     the first axis in the manifest) run without preallocated buffers. In streaming mode the executor
     pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory,
-    and copies each stage's outputs out of onnxruntime's arena so the arena leaves with its session.
+    runs without onnxruntime's memory arena unless ``SessionConfig.memory_arena`` says otherwise,
+    and copies each stage's outputs out of onnxruntime's memory so it leaves with its session.
 
     Args:
         export_dir: directory written by ``toolkit.export.export_model`` / ``rlhf export``.
@@ -293,6 +295,8 @@ class Executor:
         self._fixed_shapes = all(d is not None for t in tensors for d in t.shape[1:])
         if self.streaming:
             pin_mmap_threshold()
+            if self.config.memory_arena is None:  # a session per run: an arena saves nothing
+                self.config = dataclasses.replace(self.config, memory_arena=False)
         # batch size -> (IO bindings, the buffers they write and read): one LRU, so both are bounded
         self._bind_cache: OrderedDict[int, tuple[list[Any], dict[str, ort.OrtValue]]] = OrderedDict()
         self._sessions: list[ort.InferenceSession] | None = None

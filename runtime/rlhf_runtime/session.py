@@ -35,7 +35,9 @@ class SessionConfig:
             1 is typical for batch-1 latency on small devices.
         inter_op_threads: threads across independent operators (0 = default).
         memory_arena: keep onnxruntime's CPU memory arena (faster repeated runs, memory is not
-            returned to the system until the session is released).
+            returned to the system until the session is released). None (default): on, except in
+            a streaming Executor, whose sessions each serve one run: there the arena saves no
+            allocation and only holds more memory (its chunks grow by doubling).
         optimization: graph optimization level: "disable", "basic", "extended" or "all".
         memory_pattern: let onnxruntime pre-plan activation buffers for repeated shapes.
         prepacking: let onnxruntime keep a second, pre-packed copy of GEMM weights: sometimes
@@ -52,7 +54,7 @@ class SessionConfig:
 
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    memory_arena: bool = True
+    memory_arena: bool | None = None
     optimization: str = "all"
     memory_pattern: bool = True
     prepacking: bool = False
@@ -75,7 +77,7 @@ class SessionConfig:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = self.inter_op_threads
-        so.enable_cpu_mem_arena = self.memory_arena
+        so.enable_cpu_mem_arena = self.memory_arena is not False
         so.enable_mem_pattern = self.memory_pattern
         so.graph_optimization_level = _OPT_LEVELS[self.optimization]
         so.log_severity_level = 3  # errors only
