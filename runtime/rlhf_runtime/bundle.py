@@ -6,7 +6,8 @@ single directory::
     NAME/
       README.txt          the commands to run on the device
       SHA256SUMS          "<sha256>  <path>" for every other member (``sha256sum -c`` reads it too)
-      export/             manifest.json, the stage files, the fused file, tokenizer.json if any
+      export/             manifest.json, the stage files and their .data files, the fused file,
+                          tokenizer.json if any
       wheels/             rlhf_runtime-*.whl, numpy, onnxruntime and their dependencies
 
 ``verify_bundle`` checks it: every listed file present with its checksum, nothing unlisted, every
@@ -193,13 +194,14 @@ def verify_export(
     export_dir: str | os.PathLike[str], *, hashes: bool = True, providers: bool = True
 ) -> list[str]:
     """Check an export directory: manifest (format version), every file's size and sha256
-    (``hashes``), the tokenizer's, and the requested providers (``providers``) when onnxruntime is
+    (``hashes``; a stage's external-data file too), the tokenizer's, and the requested providers (``providers``) when onnxruntime is
     importable."""
     from rlhf_runtime.manifest import read_manifest, safe_path
 
     export_dir = Path(export_dir)
     m = read_manifest(export_dir)
     entries = [e for st in m.stages for e in st.files.values()] + list(m.fused.values())
+    entries += [e.data for e in entries if e.data is not None]  # external-data files (format version 2)
     if hashes:
         for e in entries:
             path = safe_path(export_dir, e.file)

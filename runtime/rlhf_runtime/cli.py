@@ -58,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         "--providers", default="auto", help="auto, cpu, cuda or comma-separated names; default auto"
     )
     r.add_argument(
-        "--memory-budget", type=int, default=None, help="bytes; stream stages when they do not all fit"
+        "--memory-budget",
+        type=int,
+        default=None,
+        help="bytes for one stage's weights (an embedding counts the rows a batch reads) plus the "
+        "tensors crossing its cuts; stream stages when they do not all fit",
     )
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = one per core); default 0")
 

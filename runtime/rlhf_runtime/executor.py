@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -17,20 +18,12 @@ import onnxruntime as ort
 
 from rlhf_runtime.errors import InputError
 from rlhf_runtime.limits import BINDING_CACHE_SIZE, MAX_BUFFER_BYTES, limit
-from rlhf_runtime.manifest import (
-    FileEntry,
-    Manifest,
-    TensorInfo,
-    read_manifest,
-    read_verified,
-    same_file,
-    verified_path,
-)
+from rlhf_runtime.manifest import FileEntry, Manifest, TensorInfo, read_manifest
 from rlhf_runtime.session import (
     CUDA,
     SessionConfig,
-    create_session,
     manifest_providers,
+    open_session,
     resolve_providers,
     run_bound,
 )
@@ -149,6 +142,28 @@ def check_session_io(
             )
 
 
+# resident bytes one token's row lookup may bring in from a memory-mapped table evicted from the
+# page cache (measured <= 58 KiB on Linux 6.18 / ext4; the fault-around window is 16 pages)
+FAULT_BYTES = 64 * 1024
+
+
+def weight_bytes(entry: FileEntry, tokens: int | None = None) -> int:
+    """The memory one entry's weights take in a session loaded from its files by path.
+
+    A self-contained ONNX file counts whole. With a data file (format version 2) onnxruntime maps
+    the data file and its tensors point into the mapped pages: the GEMM weights are read whole by
+    every run, so they count whole; a table read only through ``Gather`` (``entry.gathered``: an
+    embedding) brings in only the pages of the rows a run reads, about ``FAULT_BYTES`` per distinct
+    token (the kernel maps the neighbouring cached pages too), and never more than the table. So
+    the estimate is the file sizes less the gathered tables, plus ``min(gathered, tokens x
+    FAULT_BYTES)``. ``tokens=None`` counts the tables whole (a resident session copies them).
+    """
+    total = entry.total_bytes
+    if entry.gathered and tokens is not None:
+        total += min(entry.gathered, tokens * FAULT_BYTES) - entry.gathered
+    return total
+
+
 def _nbytes(infos: Sequence[TensorInfo], batch: int) -> int:
     """Bytes of these tensors at a batch size (a later dynamic axis is counted as ``batch`` long too)."""
     total = 0
@@ -168,16 +183,21 @@ class Executor:
     several cuts). Before a file is handed to onnxruntime its size and sha256 are checked against
     the manifest, on the very bytes that are loaded.
 
-    Memory: with ``memory_budget=None`` (or a budget that holds every stage) all sessions stay
+    Memory: with ``memory_budget=None`` (or a budget that holds every stage's files) all sessions stay
     resident. Otherwise the executor *streams*: for each run it loads one stage, runs the whole
     batch through it, releases it and goes on, so peak memory is about the largest stage plus the
-    activations crossing the cuts. Resident CPU runs use IO binding: each tensor crossing a cut lives
+    activations crossing the cuts. A streamed stage is loaded by path and onnxruntime memory-maps its
+    external-data file (manifest format version 2): a stage costs the pages its kernels read, and an
+    embedding table read through ``Gather`` only the rows of the batch's tokens (``weight_bytes``:
+    64 KiB per token up to the table); the budget is refused below the largest stage so estimated at
+    batch 1 plus its activations. Resident CPU runs use IO binding: each tensor crossing a cut lives
     in a buffer allocated once per batch size, written by its stage and read in place by the next
     (no per-call allocation or copy between stages); so one Executor must not ``run`` from two
     threads at once. Models with a dynamic axis besides the batch (a sequence length: ``null`` past
-    the first axis in the manifest) run without preallocated buffers. The estimate per stage is its
-    file size (weights) plus the bytes of its inputs and outputs at the batch size being run. In streaming mode the executor
-    pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory.
+    the first axis in the manifest) run without preallocated buffers. In streaming mode the executor
+    pins glibc's mmap threshold (see ``pin_mmap_threshold``) so freed stages really leave memory,
+    runs without onnxruntime's memory arena unless ``SessionConfig.memory_arena`` says otherwise,
+    and copies each stage's outputs out of onnxruntime's memory so it leaves with its session.
 
     Args:
         export_dir: directory written by ``toolkit.export.export_model`` / ``rlhf export``.
@@ -186,19 +206,22 @@ class Executor:
             RuntimeError (onnxruntime's silent fallback to CPU becomes visible). With "auto", a
             manifest key ``"providers"`` ("cpu", "cuda" or a list) decides; one this onnxruntime
             lacks is an InputError saying what to install.
-        memory_budget: bytes available for weights + activations, or None for no limit.
+        memory_budget: bytes available for one stage's weights (as ``weight_bytes`` counts them) and
+            the tensors crossing its cuts, or None for no limit. onnxruntime's working memory inside
+            a stage (attention scores, intermediates) is not counted.
         session_options: a SessionConfig (threads, memory arena, optimization level) or a dict of
             its fields.
         variant: which files to run: "fp32" or another variant in the manifest (e.g. "int8").
         fused: run the single fused file instead of the stages (for comparison).
-        load_from: "bytes": read the file once, hash those bytes and hand the very same bytes to
-            onnxruntime, so what runs is what was hashed (a file swapped or rewritten after the
-            check cannot slip in); onnxruntime keeps its own copies while it builds the session,
-            about three times the stage's size at load. "path": hash the file in chunks, let
-            onnxruntime read it again, and refuse it if it changed meanwhile (inode, size, mtime):
-            about one stage of memory, but a writer that restores the mtime between the hash and
-            the read is not caught. "auto" (default): "bytes" when resident, "path" when
-            streaming (whose point is the smallest peak memory).
+        load_from: "bytes": read the files once (the ONNX file and its data file), hash those bytes
+            and hand the very same bytes to onnxruntime, so what runs is what was hashed (a file
+            swapped or rewritten after the check cannot slip in); onnxruntime copies the weights,
+            about twice the stage's size at load. "path": hash the files in chunks, let onnxruntime
+            open them (memory-mapping the data file), and refuse the stage's result if either file
+            changed (inode, size, mtime) between the hash and the end of its run: weights as they
+            are read, but a writer that restores the mtime is not caught. "auto" (default): "bytes"
+            when resident, "path" when streaming (whose point is the smallest peak memory). See
+            ``session.open_session``.
         max_buffer_bytes: ceiling on the buffers preallocated for one batch size (the tensors
             crossing the cuts); default ``limits.MAX_BUFFER_BYTES`` (env ``RLHF_MAX_BUFFER_BYTES``).
             A run whose buffers would exceed it is refused with InputError naming the limit.
@@ -253,15 +276,18 @@ class Executor:
         if memory_budget is not None and memory_budget <= 0:
             raise InputError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
         self.memory_budget = memory_budget
-        largest = max(u.entry.bytes + _nbytes(u.inputs, 1) + _nbytes(u.outputs, 1) for u in self.units)
-        if memory_budget is not None and largest > memory_budget:
-            raise InputError(
-                f"memory_budget: expected at least {largest} bytes (the largest stage plus its activations "
-                f"at batch 1), got {memory_budget}"
-            )
-        resident_bytes = sum(u.entry.bytes for u in self.units)
+        resident_bytes = sum(u.entry.total_bytes for u in self.units)
         self.streaming = memory_budget is not None and resident_bytes > memory_budget
         self.load_from = ("path" if self.streaming else "bytes") if load_from == "auto" else load_from
+        tokens = 1 if self.streaming and self.load_from == "path" else None  # mapped tables: by rows
+        largest = max(
+            weight_bytes(u.entry, tokens) + _nbytes(u.inputs, 1) + _nbytes(u.outputs, 1) for u in self.units
+        )
+        if memory_budget is not None and largest > memory_budget:
+            raise InputError(
+                f"memory_budget: expected at least {largest} bytes (the largest stage's weights as loaded "
+                f"(Executor.weight_bytes) plus its activations at batch 1), got {memory_budget}"
+            )
         self._plan = self._make_plan()
         self._expect = [(t.name, np.dtype(t.dtype), t.shape) for t in self.manifest.inputs]
         self._text_limits = text_limits(self.manifest.raw, str(self.export_dir / "manifest.json"))
@@ -269,11 +295,16 @@ class Executor:
         self._fixed_shapes = all(d is not None for t in tensors for d in t.shape[1:])
         if self.streaming:
             pin_mmap_threshold()
+            if self.config.memory_arena is None:  # a session per run: an arena saves nothing
+                self.config = dataclasses.replace(self.config, memory_arena=False)
         # batch size -> (IO bindings, the buffers they write and read): one LRU, so both are bounded
         self._bind_cache: OrderedDict[int, tuple[list[Any], dict[str, ort.OrtValue]]] = OrderedDict()
         self._sessions: list[ort.InferenceSession] | None = None
+        self._checks: list[Any] = []  # per resident session: the file check to run after each run
         if not self.streaming:
-            self._sessions = [self._load(u) for u in self.units]
+            loaded = [self._open(u) for u in self.units]
+            self._sessions = [sess for sess, _ in loaded]
+            self._checks = [check for _, check in loaded]
 
     # -- construction -----------------------------------------------------------------------------
     def _units(self, variant: str, fused: bool) -> list[_Unit]:
@@ -286,19 +317,22 @@ class Executor:
             raise InputError(f"variant: expected one of {m.variants()}, got {variant!r}")
         return [_Unit(f"stage {s.index}", s.files[variant], s.inputs, s.outputs) for s in m.stages]
 
-    def _load(self, unit: _Unit) -> ort.InferenceSession:
-        if self.load_from == "bytes":
-            data = read_verified(self.export_dir, unit.entry)
-            sess = create_session(data, self.providers, self.config, strict=self._strict)
-            del data
-        else:
-            path, before = verified_path(self.export_dir, unit.entry)
-            sess = create_session(str(path), self.providers, self.config, strict=self._strict)
-            if not same_file(path, before):
-                raise InputError(f"{unit.entry.file} changed while it was being loaded: refusing it")
+    def _open(self, unit: _Unit) -> tuple[ort.InferenceSession, Any]:
+        """The unit's session and the check of its files to call after each run (``open_session``)."""
+        sess, check = open_session(
+            self.export_dir,
+            unit.entry,
+            self.providers,
+            self.config,
+            strict=self._strict,
+            load_from=self.load_from,
+        )
         check_session_io(unit.label, unit.entry.file, unit.inputs, sess.get_inputs(), "input")
         check_session_io(unit.label, unit.entry.file, unit.outputs, sess.get_outputs(), "output")
-        return sess
+        return sess, check
+
+    def _load(self, unit: _Unit) -> ort.InferenceSession:
+        return self._open(unit)[0]
 
     def buffer_sets(self) -> int:
         """How many batch sizes' preallocated buffer sets are alive (at most ``BINDING_CACHE_SIZE``)."""
@@ -426,12 +460,20 @@ class Executor:
         env: dict[str, Any] = dict(inputs)
         bound = self.io_binding
         for i, (feed_names, names, drop) in enumerate(self._plan):
-            sess = self._sessions[i] if self._sessions is not None else self._load(self.units[i])
+            if self._sessions is not None:
+                sess, check = self._sessions[i], self._checks[i]
+            else:
+                sess, check = self._open(self.units[i])
             feeds = {n: env[n] for n in feed_names}
             outs = run_bound(sess, feeds, names) if bound else sess.run(names, feeds)
+            check()  # memory-mapped weights were read from the file during the run: still as hashed?
+            if self._sessions is None and not bound:
+                # streaming: onnxruntime's outputs are views of its memory arena and would keep the
+                # released stage's whole arena alive until the next stage ran; copies free it
+                outs = [np.array(o, copy=True) for o in outs]
             env.update(zip(names, outs))
             if self._sessions is None:  # streaming: release this stage before loading the next
-                del sess, feeds
+                del sess, feeds, outs
                 gc.collect()
                 release_free_memory()
             for name in drop:  # activations no later unit needs
@@ -488,11 +530,14 @@ class Executor:
                 if n in arrays:
                     b.bind_cpu_input(n, arrays[n])
             sess.run_with_iobinding(b)
+        for check in self._checks:
+            check()
         return {name: np.array(buffers[name].numpy(), copy=True) for name in self.output_names}
 
     def close(self) -> None:
         """Release every session (a later ``run`` loads each stage again, as in streaming mode)."""
         self._sessions = None
+        self._checks = []
         self._bind_cache.clear()
         gc.collect()
 

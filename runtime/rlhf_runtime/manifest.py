@@ -1,12 +1,14 @@
 """Read and check an export directory's manifest.json (stdlib only: runs on a device without torch).
 
-The manifest is written by ``toolkit.export``; its layout (format version 1)::
+The manifest is written by ``toolkit.export``; its layout (format version 2)::
 
-    {"format": "rlhf-export", "version": 1, "name": ..., "opset": 18,
+    {"format": "rlhf-export", "version": 2, "name": ..., "opset": 18,
      "inputs":  [{"name": "x", "dtype": "float32", "shape": [null, 64]}],   # null = batch axis
      "outputs": [...],
      "stages": [{"index": 0, "inputs": [...], "outputs": [...], "parameters": 18752,
-                 "files": {"fp32": {"file": "stage_00.onnx", "sha256": ..., "bytes": ...},
+                 "files": {"fp32": {"file": "stage_00.onnx", "sha256": ..., "bytes": ...,
+                                    "data": {"file": "stage_00.onnx.data", "sha256": ...,
+                                             "bytes": ..., "gathered": ...}},   # version 2, optional
                            "int8": {...}},                                   # optional variants
                  "parity": {"max_abs": ..., "max_rel": ...}}],
      "fused": {"files": {"fp32": {...}}, "parity": {...}},
@@ -14,7 +16,12 @@ The manifest is written by ``toolkit.export``; its layout (format version 1)::
      "text": {...},                  # text models only: tokenizer and limits (rlhf_runtime.text)
      "providers": "cpu" | "cuda" | ["CUDAExecutionProvider", ...]}          # optional
 
-A manifest of a newer ``version`` than ``VERSION`` is refused with "upgrade rlhf-runtime"; the
+Version 2 adds ``data``: the file holding the entry's weights as ONNX *external data* (beside
+the ONNX file, whose initializers name it as their ``location``), with its own sha256 and size, and
+``gathered``: the length of its leading region holding the tables read only through ``Gather``
+(embeddings), which a memory-mapped session faults in row by row instead of whole (the executor's memory estimate,
+``weight_bytes``). Version 1 manifests (no ``data``) are still read. A manifest of a newer
+``version`` than ``VERSION`` is refused with "upgrade rlhf-runtime"; the
 optional ``providers`` is what ``Executor(providers="auto")`` uses, checked against this
 onnxruntime build (``session.manifest_providers``).
 
@@ -29,13 +36,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from rlhf_runtime.errors import InputError
 from rlhf_runtime.limits import MAX_MANIFEST_BYTES, limit
 
 FORMAT = "rlhf-export"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # format versions this runtime reads
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "bool")
 
@@ -60,11 +68,25 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One ONNX file of the export: path relative to the directory, sha256 and size."""
+    """One ONNX file of the export: path relative to the directory, sha256 and size; ``data``: the
+    external-data file holding its weights (format version 2), with ``gathered`` the length of its
+    leading region holding the tables read only through Gather (embeddings)."""
 
     file: str
     sha256: str
     bytes: int
+    data: FileEntry | None = None
+    gathered: int = 0
+
+    @property
+    def data_location(self) -> str | None:
+        """The name the ONNX file's initializers use for the data file (its name beside the file)."""
+        return None if self.data is None else self.data.file.replace("\\", "/").rsplit("/", 1)[-1]
+
+    @property
+    def total_bytes(self) -> int:
+        """The ONNX file plus its data file."""
+        return self.bytes + (self.data.bytes if self.data is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -131,27 +153,47 @@ def _tensors(obj: Any, where: str) -> tuple[TensorInfo, ...]:
     return out
 
 
-def _files(obj: Any, where: str) -> dict[str, FileEntry]:
+def _int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(entry: Any, w: str, version: int, nested: bool = False) -> FileEntry:
+    if not isinstance(entry, dict):
+        raise _fail(w, "an object", entry)
+    file, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
+    if not isinstance(file, str) or not file:
+        raise _fail(f"{w}.file", "a relative path", file)
+    if (
+        not isinstance(digest, str)
+        or len(digest) != 64
+        or any(c not in "0123456789abcdefABCDEF" for c in digest)
+    ):
+        raise _fail(f"{w}.sha256", "64 hex digits", digest)
+    if not _int(size):
+        raise _fail(f"{w}.bytes", "a non-negative int", size)
+    if nested:
+        gathered = entry.get("gathered", 0)
+        if not _int(gathered) or gathered > size:
+            raise _fail(f"{w}.gathered", f"an int from 0 to the data file's {size} bytes", gathered)
+        return FileEntry(file, digest.lower(), size, gathered=gathered)
+    raw_data = entry.get("data")
+    if raw_data is None:
+        return FileEntry(file, digest.lower(), size)
+    if version < 2:
+        raise _fail(
+            f"{w}.data", "no external data file in a version 1 manifest (version 2 has them)", raw_data
+        )
+    data = _entry(raw_data, f"{w}.data", version, nested=True)
+    # beside ``file``: checked where both paths are resolved (session.open_session), like every path
+    return FileEntry(
+        file, digest.lower(), size, data=FileEntry(data.file, data.sha256, data.bytes), gathered=data.gathered
+    )
+
+
+def _files(obj: Any, where: str, version: int = VERSION) -> dict[str, FileEntry]:
     if not isinstance(obj, dict) or "fp32" not in obj:
         raise _fail(where, "an object with at least an 'fp32' entry", obj)
-    out: dict[str, FileEntry] = {}
-    for variant, entry in obj.items():
-        w = f"{where}.{variant}"
-        if not isinstance(entry, dict):
-            raise _fail(w, "an object", entry)
-        file, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
-        if not isinstance(file, str) or not file:
-            raise _fail(f"{w}.file", "a relative path", file)
-        if (
-            not isinstance(digest, str)
-            or len(digest) != 64
-            or any(c not in "0123456789abcdefABCDEF" for c in digest)
-        ):
-            raise _fail(f"{w}.sha256", "64 hex digits", digest)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _fail(f"{w}.bytes", "a non-negative int", size)
-        out[variant] = FileEntry(file, digest.lower(), size)
-    return out
+    return {variant: _entry(entry, f"{where}.{variant}", version) for variant, entry in obj.items()}
 
 
 def parse_manifest(doc: Any) -> Manifest:
@@ -170,8 +212,8 @@ def parse_manifest(doc: Any) -> Manifest:
             f"manifest.json: format version {version} is newer than this rlhf-runtime reads ({VERSION}): "
             "upgrade rlhf-runtime (pip install -U rlhf-runtime, or install the wheel of the bundle)"
         )
-    if version != VERSION:
-        raise _fail("version", str(VERSION), version)
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READS:
+        raise _fail("version", " or ".join(map(str, READS)), version)
     stages_raw = doc.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise _fail("stages", "a non-empty list", stages_raw)
@@ -189,11 +231,11 @@ def parse_manifest(doc: Any) -> Manifest:
                 inputs=_tensors(st.get("inputs"), f"{w}.inputs"),
                 outputs=_tensors(st.get("outputs"), f"{w}.outputs"),
                 parameters=parameters,
-                files=_files(st.get("files"), f"{w}.files"),
+                files=_files(st.get("files"), f"{w}.files", version),
             )
         )
     fused_raw = doc.get("fused")
-    fused = _files(fused_raw.get("files"), "fused.files") if isinstance(fused_raw, dict) else {}
+    fused = _files(fused_raw.get("files"), "fused.files", version) if isinstance(fused_raw, dict) else {}
     opset = doc.get("opset")
     if not isinstance(opset, int) or isinstance(opset, bool):
         raise _fail("opset", "an int", opset)

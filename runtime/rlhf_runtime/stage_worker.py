@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_runtime.manifest import read_manifest, same_file, verified_path
-from rlhf_runtime.session import SessionConfig, create_session
+from rlhf_runtime.manifest import read_manifest
+from rlhf_runtime.session import SessionConfig, open_session
 
 
 class StageWorker:
@@ -64,12 +64,13 @@ class StageWorker:
                     f"fused: expected the range 0..{len(manifest.stages)} and a fused {variant} file"
                 )
             units = [(manifest.fused[variant], manifest.inputs, manifest.outputs)]
-        for entry, ins, outs in units:
-            path, before = verified_path(root, entry)
-            sess = create_session(str(path), ["CPUExecutionProvider"], config, strict=True)
-            if not same_file(path, before):
-                raise ValueError(f"{entry.file} changed while it was being loaded: refusing it")
+        self.checks: list[Any] = []
+        for entry, ins, outs in units:  # by path: a stage's data file is memory-mapped (open_session)
+            sess, check = open_session(
+                root, entry, ["CPUExecutionProvider"], config, strict=True, load_from="path"
+            )
             self.sessions.append(sess)
+            self.checks.append(check)
             self.io.append(([t.name for t in ins], [t.name for t in outs]))
         later = {t.name for st in manifest.stages[stop:] for t in st.inputs}
         self.keep = later | {t.name for t in manifest.outputs}
@@ -93,6 +94,8 @@ class StageWorker:
             local = dict(env)
             for sess, (ins, outs) in zip(self.sessions, self.io):
                 local.update(zip(outs, sess.run(outs, {n: local[n] for n in ins})))
+        for check in self.checks:  # the mapped weights were read during the run: files as hashed?
+            check()
         result = {k: v for k, v in local.items() if k in self.keep}
         busy, cpu = time.perf_counter() - t0, time.thread_time() - c0
         return result, {

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from export_helpers import GRAPHS, ToyModel, toy_sample
+from onnx import numpy_helper
 from torch import nn
 
 from toolkit.export import QuantSetting, export_model
@@ -79,11 +80,30 @@ def test_roundtrip_parity_per_stage(graph: Path, graph_export: Any) -> None:
                 )
         assert entry["parity"]["ok"] and entry["parity"]["max_abs"] < ATOL
         data = path.read_bytes()
+        weights = (out / f"{path.name}.data").read_bytes()  # external data, beside the graph
+        gathered = entry["files"]["fp32"]["data"]["gathered"]
         assert entry["files"]["fp32"] == {
             "file": path.name,
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
+            "data": {
+                "file": f"{path.name}.data",
+                "sha256": hashlib.sha256(weights).hexdigest(),
+                "bytes": len(weights),
+                "gathered": gathered,
+            },
         }
+        # gathered: the leading region of the data file holding the tables only Gather reads
+        # (embeddings), those of at least 1 KiB (smaller tensors stay in the graph file)
+        uses = [(n.op_type, k, name) for n in proto.graph.node for k, name in enumerate(n.input)]
+        tables = [
+            t
+            for t in proto.graph.initializer
+            if numpy_helper.to_array(t).nbytes >= 1024
+            and {(op, k) for op, k, name in uses if name == t.name} == {("Gather", 0)}
+        ]
+        assert (gathered > 0) == bool(tables)
+        assert gathered >= sum(numpy_helper.to_array(t).nbytes for t in tables)
         assert entry["parameters"] == sum(p.numel() for p in stage.parameters())
     # end to end: the executor chaining the stages vs the float64 model
     with torch.no_grad():
@@ -104,8 +124,9 @@ def test_roundtrip_parity_per_stage(graph: Path, graph_export: Any) -> None:
     assert on_disk["opset"] == 18 and on_disk["parity"]["end_to_end"]["ok"]
     kv = [f"stage_{i:02d}.kv.onnx" for i in range(len(model.stages))] if "causal_lm" in on_disk else []
     assert ("causal_lm" in on_disk) == (graph.name == "charlm.yaml")  # only the causal LM gets a cache
+    stages = [f"stage_{i:02d}.onnx" for i in range(len(model.stages))]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json", "fused.onnx"] + [f"stage_{i:02d}.onnx" for i in range(len(model.stages))] + kv
+        ["manifest.json", "fused.onnx", *stages, *(f"{name}.data" for name in stages), *kv]
     )
 
 
@@ -196,7 +217,10 @@ def test_int8_variant(tmp_path: Path) -> None:
     assert [c.get("error") for c in q["candidates"]] == [None, None]  # both build and run
     assert len(q["stages"]) == 3 and all("max_abs_vs_fp32" in s for s in q["stages"])
     for entry in manifest["stages"]:
-        assert entry["files"]["int8"]["bytes"] < entry["files"]["fp32"]["bytes"]
+        files = entry["files"]  # each with its weights in a .data file beside it
+        assert files["int8"]["bytes"] + files["int8"].get("data", {}).get("bytes", 0) < files["fp32"][
+            "bytes"
+        ] + files["fp32"].get("data", {}).get("bytes", 0)
     fp32 = Executor(tmp_path / "q", providers="cpu").run(sample)["head"]
     int8 = Executor(tmp_path / "q", providers="cpu", variant="int8").run(sample)["head"]
     err = float(np.max(np.abs(int8 - fp32)))
@@ -314,3 +338,21 @@ def test_cli_export_samples_select_on_validation() -> None:
     np.testing.assert_array_equal(select["x"], splits.val.inputs["x"][:32])
     np.testing.assert_array_equal(select_targets, splits.val.targets[:32])
     assert targets is not None and not np.array_equal(sample["x"], select["x"])
+
+
+def test_export_without_large_tensors_stays_format_1(tmp_path: Path) -> None:
+    """No initializer of 1 KiB: every stage file self-contained, no data file, and the manifest keeps
+    format version 1 (an older runtime still loads it); a larger model's stages get data files and 2."""
+    small = ToyModel(d_in=8, hidden=8, classes=3, rank=2).eval()
+    sample = toy_sample(small, 4)
+    manifest = export_model(small, tmp_path / "small", sample=sample)
+    assert manifest["version"] == 1 and not list((tmp_path / "small").glob("*.data"))
+    assert all("data" not in s["files"]["fp32"] for s in manifest["stages"])
+    got = Executor(tmp_path / "small", providers="cpu").run(sample)["head"]
+    with torch.no_grad():
+        want = small(*[torch.from_numpy(sample[n]) for n in small.input_names])
+    want = want[0] if isinstance(want, tuple) else want
+    np.testing.assert_allclose(got, want.numpy(), rtol=RTOL, atol=ATOL)
+    large = ToyModel(d_in=64, hidden=128, rank=32).eval()
+    manifest = export_model(large, tmp_path / "large", sample=toy_sample(large, 4))
+    assert manifest["version"] == 2 and any("data" in s["files"]["fp32"] for s in manifest["stages"])

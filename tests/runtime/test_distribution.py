@@ -117,9 +117,9 @@ def test_rlhf_run_user_errors_exit_2(
     (export_copy / "manifest.json").write_text(json.dumps(doc))
     code, _, err = _rlhf_run(capsys, "verify", export_copy)
     assert code == 2 and len(err.splitlines()) == 1
-    assert "format version 99 is newer than this rlhf-runtime reads (1): upgrade rlhf-runtime" in err
+    assert "format version 99 is newer than this rlhf-runtime reads (2): upgrade rlhf-runtime" in err
     # an altered stage file
-    doc["version"] = 1
+    doc["version"] = 2
     (export_copy / "manifest.json").write_text(json.dumps(doc))
     with open(export_copy / "stage_01.onnx", "r+b") as f:
         f.seek(-3, os.SEEK_END)

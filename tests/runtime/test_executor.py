@@ -45,10 +45,15 @@ def test_run_matches_float64_torch(default_export: Fixture) -> None:
     assert ex.mode == "resident"
 
 
+def _stage_bytes(entry: dict[str, Any]) -> int:
+    """A stage file's bytes and its external-data file's."""
+    return int(entry["bytes"]) + int(entry.get("data", {}).get("bytes", 0))
+
+
 def test_streaming_and_resident_are_identical(default_export: Fixture) -> None:
     out, _, sample = default_export
     stages = json.loads((out / "manifest.json").read_text())["stages"]
-    sizes = [s["files"]["fp32"]["bytes"] for s in stages]
+    sizes = [_stage_bytes(s["files"]["fp32"]) for s in stages]
     budget = max(sizes) + 10_000  # holds the largest stage with its batch-1 activations, not all stages
     assert budget < sum(sizes)
     streaming = Executor(out, providers="cpu", memory_budget=budget)
@@ -95,8 +100,12 @@ def test_tampered_stage_file_is_refused(export_copy: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"stage_01.onnx: sha256 mismatch"):
         Executor(export_copy, providers="cpu")
-    sizes = [p.stat().st_size for p in export_copy.glob("stage_*.onnx")]
-    streaming = Executor(export_copy, providers="cpu", memory_budget=max(sizes) + 10_000)
+    stages = json.loads((export_copy / "manifest.json").read_text())["stages"]
+    streaming = Executor(
+        export_copy,
+        providers="cpu",
+        memory_budget=max(_stage_bytes(s["files"]["fp32"]) for s in stages) + 10_000,
+    )
     assert streaming.mode == "streaming"
     with pytest.raises(ValueError, match="sha256 mismatch"):  # checked again when a stage is streamed in
         streaming.run({"x": np.zeros((1, 64), np.float32)})

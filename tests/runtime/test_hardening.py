@@ -13,7 +13,7 @@ import pytest
 
 from toolkit.errors import InputError
 from toolkit.runtime import Executor
-from toolkit.runtime import executor as executor_mod
+from toolkit.runtime import session as session_mod
 from toolkit.runtime.limits import BINDING_CACHE_SIZE
 
 Fixture = tuple[Path, Any, dict[str, np.ndarray]]
@@ -60,17 +60,18 @@ def test_session_runs_the_hashed_bytes_even_if_the_file_is_swapped(
     _, model, sample = default_export
     other = build_model(model.to_spec(), seed=1).eval()  # same shapes, other weights
     export_model(other, tmp_path / "other", sample={"x": sample["x"][:4]})
-    real_create = executor_mod.create_session
+    real_create = session_mod.create_session
 
     calls: list[Any] = []
 
     def swap_then_create(data: Any, *args: Any, **kwargs: Any) -> Any:
-        if not calls:  # stage 0 was just hashed: the attacker swaps its file before the load
-            os.replace(tmp_path / "other" / "stage_00.onnx", export_copy / "stage_00.onnx")
+        if not calls:  # stage 0 was just hashed: the attacker swaps its files before the load
+            for name in ("stage_00.onnx", "stage_00.onnx.data"):
+                os.replace(tmp_path / "other" / name, export_copy / name)
         calls.append(type(data))
         return real_create(data, *args, **kwargs)
 
-    monkeypatch.setattr(executor_mod, "create_session", swap_then_create)
+    monkeypatch.setattr(session_mod, "create_session", swap_then_create)
     ex = Executor(export_copy, providers="cpu")  # default: resident, loaded from the hashed bytes
     assert ex.load_from == "bytes" and calls == [bytes, bytes]
     got = ex.run({"x": sample["x"]})["head"]

@@ -28,7 +28,9 @@ def test_run_npy_npz_csv(default_export: Fixture, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), want)
     np.savez(tmp_path / "x.npz", x=sample["x"])
-    budget = max(p.stat().st_size for p in out.glob("stage_*.onnx")) + 10_000
+    budget = (
+        max(sum(q.stat().st_size for q in out.glob(f"{p.name}*")) for p in out.glob("stage_*.onnx")) + 10_000
+    )
     res = _invoke(
         "run", out, "--input", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--memory-budget", budget
     )

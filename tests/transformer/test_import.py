@@ -185,6 +185,11 @@ def test_export_stages_text_convention_and_dynamic_sequence(
     model = imported["model"]
     resident = Executor(out)
     streamed = Executor(out, memory_budget=60_000_000)  # under the whole model's 90 MB: one stage at a time
+    weights = sum(s["files"]["fp32"]["bytes"] + s["files"]["fp32"]["data"]["bytes"] for s in man["stages"])
+    stage0 = man["stages"][0]["files"]["fp32"]
+    assert stage0["data"]["bytes"] > weights // 2  # the word embedding's stage: more than half the weights
+    half = Executor(out, memory_budget=weights // 2)  # accepted: the mapped table counts by rows
+    assert half.mode == "streaming"
     for sentences in (python_reference_sentences()[200:203], ["Lists are mutable sequences."]):
         feeds = tokenize(imported["meta"]["text"], sentences)
         with torch.no_grad():
@@ -192,6 +197,7 @@ def test_export_stages_text_convention_and_dynamic_sequence(
         got = resident.run(feeds)["pool"]
         assert np.abs(got - ref.numpy()).max() <= 1e-4
         assert np.array_equal(streamed.run(feeds)["pool"], got)  # streaming is bit-identical
+        assert np.array_equal(half.run(feeds)["pool"], got)
 
 
 @pytest.mark.slow

@@ -245,7 +245,11 @@ def bundle(
     "--providers", default="auto", show_default=True, help="auto, cpu, cuda or comma-separated names."
 )
 @click.option(
-    "--memory-budget", type=int, default=None, help="Bytes; stream stages when they do not all fit."
+    "--memory-budget",
+    type=int,
+    default=None,
+    help="Bytes for one stage's weights (an embedding counts the rows a batch reads) plus the "
+    "tensors crossing its cuts; stream stages when they do not all fit.",
 )
 @click.option(
     "--threads", type=int, default=0, show_default=True, help="intra-op threads (0 = one per core)."

@@ -5,7 +5,8 @@ Layout (``rlhf_runtime.bundle`` checks it on the device)::
     NAME.tar.gz
       NAME/README.txt     the commands to run on the device
       NAME/SHA256SUMS     sha256 of every other member (``sha256sum -c SHA256SUMS`` reads it too)
-      NAME/export/        manifest.json, stage and fused files, tokenizer.json (what the manifest lists)
+      NAME/export/        manifest.json, stage files with their .data files, the fused file,
+                          tokenizer.json (what the manifest lists)
       NAME/wheels/        the rlhf_runtime wheel, numpy + onnxruntime (+ tokenizers for a text
                           export) and their dependencies, for the target Python and platform
 

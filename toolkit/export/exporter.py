@@ -19,8 +19,8 @@ from torch import nn
 
 from toolkit.errors import InputError
 from toolkit.export import quantize as quant
-from toolkit.export.manifest import build_manifest, file_entry, tensor_info
-from toolkit.export.onnx_io import DEFAULT_OPSET, check_model, compact, export_module
+from toolkit.export.manifest import build_manifest, file_entry, format_version, tensor_info
+from toolkit.export.onnx_io import DEFAULT_OPSET, check_model, compact, export_module, to_external_data
 from toolkit.export.parity import DEFAULT_ATOL, DEFAULT_RTOL, compare, cpu_session, run_onnx
 from toolkit.fsio import replace_dir, write_synced
 
@@ -136,6 +136,29 @@ def _write(tmp: Path, name: str, data: bytes) -> dict[str, Any]:
     return file_entry(name, data)
 
 
+def _externalize_stages(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Every stage file (each variant) keeps its graph; its weights move to ``<file>.data`` beside it
+    (``onnx_io.to_external_data``), listed and hashed in the manifest entry's ``data`` (format
+    version 2). onnxruntime memory-maps such a file when the runtime loads a stage by path
+    (streaming), so a stage costs the pages its kernels read: an embedding table only the rows of a
+    run's tokens. Done last, on the files as written (after the text layout renamed tensors in
+    them). The fused file stays self-contained: it is what optimum opens (``model.onnx``)."""
+    for stage in manifest["stages"]:
+        for variant, entry in stage["files"].items():
+            name = entry["file"]
+            data_name = f"{name}.data"
+            model, blob, gathered = to_external_data((tmp / name).read_bytes(), data_name)
+            if not blob:
+                continue
+            write_synced(tmp / data_name, blob)
+            write_synced(tmp / name, model)
+            stage["files"][variant] = {
+                **file_entry(name, model),
+                "data": {**file_entry(data_name, blob), "gathered": gathered},
+            }
+    manifest["version"] = format_version(manifest["stages"])
+
+
 def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished temp directory into place; an existing export is swapped out, then removed."""
     if out.exists() and not overwrite:
@@ -166,6 +189,10 @@ def export_model(
     text: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a staged model: one ONNX file per stage, fused.onnx (model.onnx for text), manifest.json.
+
+    Each stage file keeps its weights (every initializer of 1 KiB or more) in ``stage_NN.onnx.data``
+    beside it, as ONNX external data (manifest format version 2: the data file is listed and hashed
+    with its stage file); the fused file is self-contained.
 
     Every file is checked (onnx.checker, strict shape inference) and run with onnxruntime on
     ``sample``; the errors against torch are recorded per stage, for the fused file and end to end
@@ -251,6 +278,7 @@ def export_model(
 
             check_text_meta(text, list(staged.input_names), "text")
             write_text_export(tmp, manifest, text, getattr(staged, "spec", None))
+        _externalize_stages(tmp, manifest)
         data = json.dumps(manifest, indent=2, sort_keys=False).encode()
         _write(tmp, "manifest.json", data)
         _finalize(tmp, out, overwrite)

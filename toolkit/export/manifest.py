@@ -27,6 +27,13 @@ def file_entry(name: str, data: bytes) -> dict[str, Any]:
     return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
+def format_version(stages: list[dict[str, Any]]) -> int:
+    """The oldest format that describes these stage entries: 2 (``VERSION``) when a file has an
+    external-data file (``"data"``), else 1, so an export without one still loads in an older runtime."""
+    has_data = any("data" in entry for stage in stages for entry in stage.get("files", {}).values())
+    return VERSION if has_data else 1
+
+
 def build_manifest(
     *,
     name: str,
@@ -43,7 +50,7 @@ def build_manifest(
     """Assemble the manifest document (see toolkit/runtime/manifest.py for the layout)."""
     return {
         "format": FORMAT,
-        "version": VERSION,
+        "version": format_version(stages),
         "name": name,
         "opset": opset,
         "producer": {

@@ -344,3 +344,75 @@ def biases_to_fp16(proto: onnx.ModelProto, min_elements: int = 32) -> onnx.Model
     del g.node[:]
     g.node.extend(casts + nodes)  # casts read only initializers: placing them first keeps topological order
     return out
+
+
+EXTERNAL_MIN_BYTES = 1024  # tensors this large or larger go to the data file (onnx's own default)
+EXTERNAL_ALIGN = 4096  # each tensor starts on a page boundary of the data file: mapped in place
+
+
+def gathered_initializers(graph: onnx.GraphProto) -> set[str]:
+    """Initializers read only as the table (input 0) of ``Gather`` nodes of this graph: embeddings,
+    of which a run reads the rows of its tokens. A name any subgraph or other input mentions is not."""
+    uses: dict[str, set[tuple[str, int]]] = {}
+
+    def walk(g: onnx.GraphProto, top: bool) -> None:
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                uses.setdefault(name, set()).add((node.op_type if top else "", k))
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    walk(sub, False)
+        for out in g.output:
+            uses.setdefault(out.name, set()).add(("", -1))
+
+    walk(graph, True)
+    return {t.name for t in graph.initializer if uses.get(t.name) and uses[t.name] <= {("Gather", 0)}}
+
+
+def to_external_data(
+    data: bytes, location: str, min_bytes: int = EXTERNAL_MIN_BYTES, align: int = EXTERNAL_ALIGN
+) -> tuple[bytes, bytes, int]:
+    """Move a model's large initializers into one external-data file.
+
+    Each initializer of the main graph with ``raw_data`` of at least ``min_bytes`` is written to the
+    data file at an offset aligned to ``align`` (onnxruntime maps such a file and uses the mapped
+    pages as the tensors' memory) and replaced by a reference to ``location`` (a name beside the
+    model file). The tables read only through Gather come first, so they form one leading region
+    that the runtime can evict from the page cache (``rlhf_runtime.session.evict_cached``). Same bytes, same graph: a session of the pair computes exactly what one of the
+    self-contained file computes.
+
+    Args:
+        data: a serialized self-contained ModelProto.
+        location: the data file's name, as the model will refer to it.
+
+    Returns:
+        (the model's new bytes, the data file's bytes (empty when no tensor qualified), the length
+        of the data file's leading region holding the tables read only through Gather, see
+        ``gathered_initializers``; 0 when there are none).
+    """
+    proto = onnx.load_from_string(data)
+    gathered = gathered_initializers(proto.graph)
+    blob = bytearray()
+    gathered_bytes = 0
+    big = [
+        t
+        for t in proto.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= min_bytes
+    ]
+    big.sort(key=lambda t: t.name not in gathered)  # the Gather-only tables first: one leading region
+    for tensor in big:
+        raw = tensor.raw_data
+        offset = -len(blob) % align + len(blob)
+        blob.extend(b"\0" * (offset - len(blob)))
+        blob.extend(raw)
+        if tensor.name in gathered:
+            gathered_bytes = len(blob)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    if not blob:
+        return data, b"", 0
+    return proto.SerializeToString(), bytes(blob), gathered_bytes

@@ -56,6 +56,7 @@ def export_and_check(run_dir: str | Path, device: str | None = None, sample_size
     files = []
     for entry in [*manifest.get("stages", []), manifest.get("fused") or {}]:
         for f in (entry.get("files") or {}).values():
-            files.append({"name": f["file"], "bytes": int(f["bytes"])})
+            data = f.get("data") or {}  # the stage's weights (external data, manifest format 2)
+            files.append({"name": f["file"], "bytes": int(f["bytes"]) + int(data.get("bytes", 0))})
     result["files"] = files
     return result
