@@ -1,21 +1,34 @@
 """int8 quantization of exported stages with onnxruntime.quantization, settings chosen by measurement.
 
-Two families are tried:
+Three families are tried:
 
-- dynamic: weights stored as int8, activations quantized on the fly per batch (MatMulInteger);
+- dynamic: weights stored as int8, activations quantized on the fly per batch (MatMulInteger),
+  one 8-bit range for the whole activation tensor;
 - static (QDQ): weights and activations quantized with ranges calibrated (MinMax) on training
-  samples pushed through the fp32 stages.
+  samples pushed through the fp32 stages;
+- weight_only: MatMul weights stored as int8 (per output column) and dequantized in the graph
+  (``weight_only``); the file's math is float. onnxruntime (1.20+, default optimizations) fuses
+  ``DequantizeLinear -> MatMul`` into MatMulNBits, which with weight prepacking on (onnxruntime's
+  default, the exporter's sessions) rounds each *row* of activations to 8 bits, and with it off
+  (the executor's default) multiplies in float. Either way one outlier token no longer sets the
+  range of every other token, which is where dynamic int8 loses a transformer's accuracy.
+
+Mixed candidates (dynamic int8 in the least sensitive layers, weight-only in the others) are
+searched when weight-only is good enough and dynamic is not (``choose_and_quantize``).
 
 On x86 CPUs without VNNI, onnxruntime multiplies u8 activations by s8 weights with ``vpmaddubsw``,
 whose int16 accumulators saturate when weights use the full 8-bit range: the default settings can
 lose accuracy there. ``reduce_range`` (7-bit weights) or u8 weights avoid it. Rather than guess the
-CPU, every candidate is measured on a selection split (the validation split in ``rlhf export``):
-among those within ``tolerance`` (0.25 points) of the best accuracy, the one with the smallest
-files wins, then the smallest error against fp32. Only the chosen candidate is then run on the
-test split, whose accuracy change is what the manifest reports (``chosen_on`` / ``reported_on``),
-so the figure is not the best of several tries on the data it is reported on. The manifest records
-every candidate's score on the selection split, and for the chosen one the change on test when
-each stage alone is quantized, so a user sees which stage costs accuracy.
+CPU, every candidate is measured on a selection split (the validation split in ``rlhf export``),
+and the cheapest good-enough one within the size limit wins (``_Rule``: with labels, accuracy
+within ``tolerance`` (0.25 points) of the best; without, every sample's cosine to fp32 at least
+``min_cosine``; cheapest = most MatMul weights in dynamic/static int8 kernels, measured faster
+than weight-only, then the smallest files, then the smallest error). Only the chosen candidate is
+then run on the test split, whose figures are what the manifest reports (``chosen_on`` /
+``reported_on``), so the figure is not the best of several tries on the data it is reported on.
+The manifest records every candidate's score on the selection split, the layer sensitivities
+when mixed candidates were searched, and for the chosen one the change on test when each stage
+alone is quantized, so a user sees which stage costs accuracy.
 
 Bias vectors left in float32 by dynamic quantization are stored as float16 and cast back to
 float32 when the session is created (``onnx_io.biases_to_fp16``): on a small model they are
@@ -149,12 +162,13 @@ def weight_digest(w: np.ndarray) -> str:
 
 def weight_only(proto: onnx.ModelProto, only: set[str] | None = None) -> onnx.ModelProto:
     """Store MatMul weights as int8 with a float32 scale per output column, dequantized in the graph
-    (``DequantizeLinear`` -> float MatMul): int8 files, float compute.
+    (``DequantizeLinear`` -> MatMul): int8 files, float math as written.
 
-    Symmetric, range [-127, 127], ``scale = max|W[:, j]| / 127`` (zero point 0). Activations are not
-    quantized, so the only error is the weight rounding: onnxruntime's dynamic quantization also
-    rounds every activation to 8 bits with one range per tensor, which transformer activations with
-    outlier features do not survive everywhere.
+    Symmetric, range [-127, 127], ``scale = max|W[:, j]| / 127`` (zero point 0). The graph does not
+    quantize activations; onnxruntime's MatMulNBits fusion of it rounds at most each row of
+    activations to 8 bits (module docstring), where dynamic quantization rounds the whole
+    activation tensor with one range, which transformer activations with outlier tokens do not
+    survive everywhere.
 
     Args:
         proto: the model (after ``gemm_to_matmul``).
@@ -359,7 +373,7 @@ class _Scored:
     blobs: list[bytes]
     score: dict[str, float]
     size: int
-    int8_compute: float  # share of MatMul weight elements multiplied in int8 (0 for weight-only)
+    int8_compute: float  # share of MatMul weight elements in dynamic/static int8 kernels (0: weight-only)
 
 
 def _damage(s: dict[str, float]) -> float:
@@ -374,8 +388,9 @@ class _Rule:
     it: then all are, and the report says so). Good enough: with class labels, an accuracy within
     ``tolerance`` of the best eligible one; without, every sample's cosine to fp32 at least
     ``min_cosine`` (if no candidate reaches it: the best ``cosine_min``; without cosines: the
-    smallest error). Cheapest: the most MatMul weight elements multiplied in int8 (integer kernels
-    rather than float ones on dequantized weights), then the smallest files, then the smallest error.
+    smallest error). Cheapest: the most MatMul weight elements in dynamic / static int8 kernels
+    (MatMulInteger, QDQ: on MiniLM measured faster than weight-only's MatMulNBits), then the smallest
+    files, then the smallest error.
     """
 
     def __init__(self, tolerance: float, min_cosine: float, size_limit: float, fp32_bytes: int) -> None:
@@ -409,7 +424,8 @@ class _Rule:
         return (
             f"files within {self.size_limit:g} of fp32; good enough: accuracy within {self.tolerance:g} of "
             f"the best (with labels), else every sample's cosine to fp32 >= {self.min_cosine:g}; among "
-            "those the most int8 MatMul compute, then the smallest files, then the smallest error"
+            "those the most MatMul weights in dynamic/static int8 kernels, then the smallest files, then the "
+            "smallest error"
         )
 
 
