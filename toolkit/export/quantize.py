@@ -498,11 +498,12 @@ def choose_and_quantize(
     run_select, select_reference, select_targets = select
     rule = _Rule(tolerance, min_cosine, size_limit, sum(len(b) for b in stages))
     # every MatMul weight of every stage: (stage, node name, digest, elements)
-    layers = [
-        (k, node.name, weight_digest(w), int(w.size))
-        for k, b in enumerate(pre)
-        for node, w in matmul_weights(gemm_to_matmul(onnx.load_from_string(b)))
-    ]
+    shapes: dict[tuple[int, str], list[int]] = {}
+    layers = []
+    for k, b in enumerate(pre):
+        for node, w in matmul_weights(gemm_to_matmul(onnx.load_from_string(b))):
+            layers.append((k, node.name, weight_digest(w), int(w.size)))
+            shapes[(k, node.name)] = list(w.shape)
     total = sum(n for *_, n in layers) or 1
     cache: dict[tuple[int, QuantSetting], bytes] = {}
 
@@ -558,6 +559,8 @@ def choose_and_quantize(
             stage_bytes,
             lambda q: score(run_select(q), select_reference, select_targets, select_mask),
         )
+        for t in sensitivity:
+            t["shape"] = shapes[(t["stage"], t["node"])]
         chosen = rule.pick(scored)
     setting, q = chosen.setting, chosen.blobs
     s = score(run_chain(q), reference, targets, eval_mask)  # the evaluation samples, for the chosen one only
