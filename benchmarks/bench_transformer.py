@@ -352,7 +352,8 @@ def int8_report(q: dict[str, Any]) -> list[str]:
     if "export_seconds" in q:
         lines += [
             "",
-            f"Re-measured alone (`--only int8`{', --quick' if q.get('quick') else ''}): export (3 stages + fused, "
+            f"Re-measured alone (`--only int8`{', --quick' if q.get('quick') else ''}) on {q.get('cpu', '?')} "
+            f"(AVX512-VNNI: {q.get('vnni')}): export (3 stages + fused, "
             f"fp32 + int8, candidates and layer search) {q['export_seconds']:.0f} s; load average "
             f"{q['load_avg_at_start']:.2f} at start, {q['load_avg_at_end']:.2f} at end.",
         ]
@@ -471,6 +472,10 @@ def only_int8(out_path: Path, quick: bool) -> int:
         prev["int8"] = {
             **int8_section(work / "export", manifest, text, cfg, 0.5 if quick else 4.0, quick),
             "export_seconds": export_seconds,
+            "cpu": machine()["cpu"],
+            "vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+            if Path("/proc/cpuinfo").exists()
+            else None,
             "load_avg_at_start": load0,
             "load_avg_at_end": os.getloadavg()[0],
             "quick": quick,
