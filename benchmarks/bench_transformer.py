@@ -11,8 +11,10 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
    intra-op thread spinning off (3 sessions' spinning pools compete on 2 cores).
    "staged, export with fused ops" runs an export made with RLHF_EXPORT_FUSION=1 (onnxruntime's fused
    Attention / SkipLayerNormalization / BiasGelu written into the files, toolkit.export.fusion).
-3. Per-stage int8 (dynamic quantization chosen by the exporter): sentence-embedding cosine to fp32
-   and file sizes.
+3. Per-stage int8 (setting chosen by the exporter on a validation split of 64 sentences, files at
+   most 0.30 of fp32): every candidate's score there, the layer sensitivities, then on 128 held-out
+   sentences the mean-pooled embedding cosine to fp32 (executor defaults, and with weight
+   prepacking on: the exporter's sessions), file sizes, and int8 vs fp32 latency (staged executor).
 4. Streaming: peak RSS (VmHWM above the baseline once onnxruntime's environment is up) of the resident
    and the streaming executor (budget = half the weights; the stages' weights are external data that
    onnxruntime memory-maps, so the embedding stage costs the rows a batch reads), each in a fresh
@@ -26,7 +28,7 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
 
 Usage: python benchmarks/bench_transformer.py [--quick] [--out docs/benchmarks/transformer.md]
        [--distill-steps N] [--hf-baseline] [--ranks-from docs/benchmarks/factorize.json]
-       [--only factorize|memory|runtime]  (re-measure section 5, section 4, or sections 1-4; the rest
+       [--only factorize|int8|memory|runtime]  (re-measure section 5, 3, 4, or sections 1-4; the rest
        is kept from the last report's .json)
 """
 
@@ -296,6 +298,156 @@ def factorize_section(
     return res
 
 
+def int8_section(
+    exp: Path, manifest: dict[str, Any], text: dict[str, Any], cfg: Any, seconds: float, quick: bool
+) -> dict[str, Any]:
+    """Section 3: the exporter's int8 choice, its cosine on held-out sentences, sizes, latency."""
+    from dataclasses import replace
+
+    from toolkit.export.text import tokenize
+    from toolkit.runtime import Executor
+
+    q = manifest["quantization"]
+    evalf = tokenize(text, sentences(16 if quick else 128, 700), MAX_TOKENS)
+    fp32 = Executor(exp, providers="cpu", session_options=cfg)
+    int8 = Executor(exp, providers="cpu", session_options=cfg, variant="int8")
+    a = fp32.run(evalf)["pool"].astype(np.float64)
+    cosines = {}
+    for name, c in (("executor", cfg), ("prepacking on", replace(cfg, prepacking=True))):
+        b = (
+            Executor(exp, providers="cpu", session_options=c, variant="int8")
+            .run(evalf)["pool"]
+            .astype(np.float64)
+        )
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        cosines[name] = {"min": float(cos.min()), "mean": float(cos.mean())}
+    lat = {}
+    for batch in (1, 32):
+        f = tokenize(text, sentences(batch, 600), MAX_TOKENS)
+        fns: dict[str, Callable[[], object]] = {
+            "fp32 staged": lambda f=f: fp32.run(f),
+            "int8 staged": lambda f=f: int8.run(f),
+        }
+        lat[str(batch)] = interleaved(fns, batch, seconds, 5 if batch == 32 else 20)
+    return {
+        "setting": q["chosen"]["label"],
+        "weight_only_layers": len(q["chosen"].get("weight_only_layers", [])),
+        "int8_compute": q.get("int8_compute"),
+        "chosen_on": q["chosen_on"],
+        "selection_sentences": 16 if quick else 64,
+        "candidates": [
+            {
+                k: c.get(k)
+                for k in ("label", "probe", "cosine_min", "cosine_mean", "bytes", "int8_compute", "error")
+            }
+            for c in q["candidates"]
+        ],
+        "sensitivity": q.get("sensitivity", []),
+        "sentences": len(a),
+        "cosine_min": cosines["executor"]["min"],
+        "cosine_mean": cosines["executor"]["mean"],
+        "cosine_prepacking": cosines["prepacking on"],
+        "size_ratio": q["end_to_end"]["size_ratio"],
+        "size_limit": q.get("size_limit"),
+        "stage_bytes": [
+            tuple(  # each stage file with its external-data file
+                s["files"][v]["bytes"] + s["files"][v].get("data", {}).get("bytes", 0)
+                for v in ("fp32", "int8")
+            )
+            for s in manifest["stages"]
+        ],
+        "latency": lat,
+    }
+
+
+def int8_report(q: dict[str, Any]) -> list[str]:
+    """Section 3 of the report."""
+    mib = 2**20
+    fp32_total = sum(f for f, _ in q["stage_bytes"])
+    lines = [
+        "## Per-stage int8",
+        "",
+        f"Setting chosen by the exporter on {q.get('selection_sentences', '?')} validation sentences ({q.get('chosen_on')}): "
+        f"{q['setting']} ({q.get('weight_only_layers', 0)} of the MatMul layers weight-only; "
+        f"{100 * (q.get('int8_compute') or 0):.0f}% of the MatMul weights in dynamic int8 kernels). "
+        f"Sentence-embedding cosine to fp32 over {q['sentences']} held-out sentences: min {q['cosine_min']:.4f}, "
+        f"mean {q['cosine_mean']:.4f} (executor defaults)",
+    ]
+    if "cosine_prepacking" in q:
+        p = q["cosine_prepacking"]
+        lines[-1] += (
+            f"; min {p['min']:.4f}, mean {p['mean']:.4f} with weight prepacking on (the exporter's sessions)"
+        )
+    lines[-1] += f"; files {q['size_ratio']:.3f} of fp32" + (
+        f" (limit {q['size_limit']:g})." if q.get("size_limit") is not None else "."
+    )
+    if "export_seconds" in q:
+        lines += [
+            "",
+            f"Re-measured alone (`--only int8`{', --quick' if q.get('quick') else ''}) on {q.get('cpu', '?')} "
+            f"(AVX512-VNNI: {q.get('vnni')}): export (3 stages + fused, "
+            f"fp32 + int8, candidates and layer search) {q['export_seconds']:.0f} s; load average "
+            f"{q['load_avg_at_start']:.2f} at start, {q['load_avg_at_end']:.2f} at end.",
+        ]
+    lines += ["", "| stage | fp32 MiB | int8 MiB |", "|---|---|---|"]
+    for i, (f32, i8) in enumerate(q["stage_bytes"]):
+        lines.append(f"| {i} | {f32 / mib:.1f} | {i8 / mib:.1f} |")
+    if q.get("candidates"):
+        lines += [
+            "",
+            "Candidates, scored on the validation sentences (min / mean over sentences of the worst output's "
+            "cosine to fp32, padded positions left out):",
+            "",
+            "| candidate | cosine min | cosine mean | files / fp32 | dynamic int8 share |",
+            "|---|---|---|---|---|",
+        ]
+        for c in q["candidates"]:
+            if c.get("error"):
+                lines.append(f"| {c['label']} | failed: {c['error']} | | | |")
+                continue
+            name = c["label"] + (f" ({c['probe']})" if c.get("probe") else "")
+            lines.append(
+                f"| {name} | {c['cosine_min']:.4f} | {c['cosine_mean']:.4f} | {c['bytes'] / fp32_total:.3f} | "
+                f"{c['int8_compute']:.2f} |"
+            )
+    sens = [t for t in q.get("sensitivity", []) if "damage" in t]
+    if sens:
+        worst = sorted(sens, key=lambda t: -t["damage"])
+        wo = [
+            c
+            for c in q.get("candidates", [])
+            if c["label"].startswith("weight_only") and c.get("cosine_mean")
+        ]
+        floor = f"{1 - wo[0]['cosine_mean']:.5f}" if wo else "not measured"
+        lines += [
+            "",
+            "Layer sensitivity (1 - mean cosine on the validation sentences when that layer alone is dynamic "
+            f"int8, every other weight-only; all weight-only: {floor}), most sensitive first:",
+            "",
+            "| stage | node | weight shape | 1 - mean cosine |",
+            "|---|---|---|---|",
+        ]
+        for t in worst[:12]:
+            lines.append(
+                f"| {t['stage']} | {t['node']} | {' x '.join(map(str, t.get('shape', [])))} | {t['damage']:.5f} |"
+            )
+        if len(worst) > 12:
+            rest = [t["damage"] for t in worst[12:]]
+            lines.append(f"| | the other {len(rest)} layers | | {min(rest):.5f} to {max(rest):.5f} |")
+    if q.get("latency"):
+        lines += [
+            "",
+            f"Latency, staged executor with its defaults (weight prepacking off), {THREADS} threads, interleaved:",
+            "",
+            "| batch | config | p50 ms | p90 ms |",
+            "|---|---|---|---|",
+        ]
+        for batch, res in q["latency"].items():
+            for name, v in res.items():
+                lines.append(f"| {batch} | {name} | {v['p50_ms']:.2f} | {v['p90_ms']:.2f} |")
+    return lines
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -316,6 +468,56 @@ def machine() -> dict[str, Any]:
     }
 
 
+def only_int8(out_path: Path, quick: bool) -> int:
+    """``--only int8``: import, export (fp32 + int8, as section 2 does) and section 3 again; the other
+    sections are kept from the last report's .json."""
+    import torch
+
+    from toolkit.checkpoint import load_model
+    from toolkit.export import export_model
+    from toolkit.export.text import quant_candidates, tokenize
+    from toolkit.factorize.hf import minilm_dir
+    from toolkit.hf_import import import_bert
+    from toolkit.runtime import SessionConfig
+
+    torch.set_num_threads(THREADS)
+    prev = json.loads(out_path.with_suffix(".json").read_text())
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-transformer-") as tmp:
+        work = Path(tmp)
+        import_bert(minilm_dir(), work / "minilm")
+        model, _spec, meta = load_model(work / "minilm")
+        text = meta["text"]
+        t0 = time.perf_counter()
+        manifest = export_model(
+            model,
+            work / "export",
+            sample=tokenize(text, sentences(32), MAX_TOKENS),
+            calibration=tokenize(text, sentences(16 if quick else 64, 900), MAX_TOKENS),
+            quantize="int8",
+            text=text,
+            quant_candidates=quant_candidates(),
+            selection=tokenize(text, sentences(16 if quick else 64, 1000), MAX_TOKENS),
+        )
+        export_seconds = time.perf_counter() - t0
+        cfg = SessionConfig(intra_op_threads=THREADS)
+        prev["int8"] = {
+            **int8_section(work / "export", manifest, text, cfg, 0.5 if quick else 4.0, quick),
+            "export_seconds": export_seconds,
+            "cpu": machine()["cpu"],
+            "vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+            if Path("/proc/cpuinfo").exists()
+            else None,
+            "load_avg_at_start": load0,
+            "load_avg_at_end": os.getloadavg()[0],
+            "quick": quick,
+        }
+    out_path.with_suffix(".json").write_text(json.dumps(prev, indent=2))
+    out_path.write_text(report(prev))
+    print(f"wrote {out_path} (section 3 re-measured)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -331,9 +533,9 @@ def main() -> int:
     parser.add_argument("--ranks-from", default=None, help="section 5: bench_factorize's .json (its ranks)")
     parser.add_argument(
         "--only",
-        choices=["factorize", "memory", "runtime"],
+        choices=["factorize", "int8", "memory", "runtime"],
         default=None,
-        help="re-measure section 5 (factorize), 4 (memory) or 1-4 (runtime), keep the rest",
+        help="re-measure section 5 (factorize), 3 (int8), 4 (memory) or 1-4 (runtime), keep the rest",
     )
     args = parser.parse_args()
     if args.rss_worker:
@@ -382,6 +584,9 @@ def main() -> int:
         print(f"wrote {out_path} (section 5 re-measured)")
         return 0
 
+    if args.only == "int8":
+        return only_int8(Path(args.out), args.quick)
+
     import torch
 
     from toolkit.checkpoint import load_model
@@ -423,6 +628,7 @@ def main() -> int:
         # 2. export (3 stages, int8) and latency
         t0 = time.perf_counter()
         calib = tokenize(text, sentences(16 if args.quick else 64, 900), MAX_TOKENS)
+        select = tokenize(text, sentences(16 if args.quick else 64, 1000), MAX_TOKENS)  # int8 chosen here
         manifest = export_model(
             model,
             work / "export",
@@ -431,6 +637,7 @@ def main() -> int:
             quantize="int8",
             text=text,
             quant_candidates=quant_candidates(),
+            selection=select,
         )
         r["export_seconds"] = time.perf_counter() - t0
         os.environ["RLHF_EXPORT_FUSION"] = "1"  # the same model with onnxruntime's fused contrib ops
@@ -477,24 +684,7 @@ def main() -> int:
         del hf
 
         # 3. int8
-        evalf = tokenize(text, sentences(16 if args.quick else 128, 700), MAX_TOKENS)
-        a = staged.run(evalf)["pool"]
-        b = Executor(exp, providers="cpu", session_options=cfg, variant="int8").run(evalf)["pool"]
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        r["int8"] = {
-            "setting": manifest["quantization"]["chosen"]["label"],
-            "sentences": len(cos),
-            "cosine_min": float(cos.min()),
-            "cosine_mean": float(cos.mean()),
-            "size_ratio": manifest["quantization"]["end_to_end"]["size_ratio"],
-            "stage_bytes": [
-                tuple(  # each stage file with its external-data file
-                    s["files"][v]["bytes"] + s["files"][v].get("data", {}).get("bytes", 0)
-                    for v in ("fp32", "int8")
-                )
-                for s in manifest["stages"]
-            ],
-        }
+        r["int8"] = int8_section(exp, manifest, text, cfg, seconds, args.quick)
 
         # 4. streaming memory, fresh subprocesses
         r["memory"] = memory_section(exp)
@@ -566,19 +756,7 @@ def report(r: dict[str, Any]) -> str:
                 lines.append(
                     f"- batch {batch}: {peer} / onnxruntime staged = {res[peer]['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
                 )
-    q = r["int8"]
-    lines += [
-        "",
-        "## Per-stage int8",
-        "",
-        f"Setting chosen by the exporter: {q['setting']}. Sentence-embedding cosine to fp32 over {q['sentences']} sentences: "
-        f"min {q['cosine_min']:.4f}, mean {q['cosine_mean']:.4f}; files {q['size_ratio']:.3f} of fp32.",
-        "",
-        "| stage | fp32 MiB | int8 MiB |",
-        "|---|---|---|",
-    ]
-    for i, (f32, i8) in enumerate(q["stage_bytes"]):
-        lines.append(f"| {i} | {f32 / mib:.1f} | {i8 / mib:.1f} |")
+    lines += ["", *int8_report(r["int8"])]
     lines += [
         "",
         "## Streaming memory (batch 8, fresh subprocess each)",

@@ -56,12 +56,13 @@ def _text_quant() -> Any:
     return quant_candidates()
 
 
-def _text_samples(text: dict[str, Any], n: int) -> dict[str, np.ndarray]:
-    """``n`` sentences of the Python reference manual through the model's tokenizer (at most 128 tokens)."""
+def _text_samples(text: dict[str, Any], n: int, start: int = 0) -> dict[str, np.ndarray]:
+    """``n`` sentences of the Python reference manual from ``start`` through the model's tokenizer
+    (at most 128 tokens)."""
     from toolkit.export.text import tokenize
     from toolkit.factorize.corpus import python_reference_sentences
 
-    return tokenize(text, python_reference_sentences()[:n], min(128, int(text["max_length"])))
+    return tokenize(text, python_reference_sentences()[start : start + n], min(128, int(text["max_length"])))
 
 
 @click.command()
@@ -109,7 +110,11 @@ def export(
     model, spec, meta = load_model(source)
     text = meta.get("text")
     if text is not None:  # a text model (rlhf import): real sentences through its own tokenizer
-        sample, targets, calib, select, select_targets = _text_samples(text, samples), None, None, None, None
+        sample, targets, calib, select_targets = _text_samples(text, samples), None, None, None
+        from toolkit.factorize.corpus import python_reference_sentences
+
+        left = len(python_reference_sentences()) - samples  # int8 is chosen on the next 64 sentences
+        select = _text_samples(text, min(64, left), samples) if quantize and left >= 2 else None
     else:
         sample, targets, calib, select, select_targets = _load_samples(spec, samples)
     manifest = export_model(

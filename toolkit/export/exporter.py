@@ -187,6 +187,7 @@ def export_model(
     selection: Mapping[str, np.ndarray] | None = None,
     selection_targets: np.ndarray | None = None,
     text: Mapping[str, Any] | None = None,
+    quant_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export a staged model: one ONNX file per stage, fused.onnx (model.onnx for text), manifest.json.
 
@@ -222,6 +223,8 @@ def export_model(
             toolkit.export.text): ``tokenizer.json`` is written beside the ONNX files, the
             manifest gets a ``text`` entry, and the export is also laid out for optimum /
             transformers (fused file as ``model.onnx``, ``config.json``, tokenizer files).
+        quant_options: keyword arguments of ``quantize.choose_and_quantize`` (``size_limit``,
+            ``min_cosine``, ``mixed``); a text model's padded positions are left out of the scores.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -243,6 +246,10 @@ def export_model(
     sample = _check_sample(model, sample, "sample")
     calib = _check_sample(model, calibration, "calibration") if calibration is not None else sample
     select = _check_sample(model, selection, "selection") if selection is not None else None
+    qopts = dict(quant_options or {})
+    if text is not None and text.get("attention_mask") in sample:  # padding: not part of any result
+        m = str(text["attention_mask"])
+        qopts.setdefault("masks", (sample[m], select[m] if select is not None else None))
     if any(p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).cpu()
     model.eval()
@@ -265,6 +272,7 @@ def export_model(
             name or _model_name(model),
             quant_candidates,
             (select, selection_targets) if select is not None else None,
+            qopts,
         )
         manifest["source"] = source
         from toolkit.export.kv_cache import export_kv_cache
@@ -302,6 +310,7 @@ def _export_into(
     name: str,
     quant_candidates: Sequence[quant.QuantSetting],
     selection: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None,
+    quant_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     in_names, out_names = list(model.input_names), list(model.output_names)
     seq, max_seq = _sequence(model)
@@ -409,7 +418,14 @@ def _export_into(
 
             select = (run_select, run_select(plain), sel_targets)
         setting, q_stages, quant_report = quant.choose_and_quantize(
-            plain, calibration, run_chain, chained, targets, quant_candidates, select=select
+            plain,
+            calibration,
+            run_chain,
+            chained,
+            targets,
+            quant_candidates,
+            select=select,
+            **(quant_options or {}),
         )
         for i, blob in enumerate(q_stages):
             stage_entries[i]["files"]["int8"] = _write(tmp, _stage_file(i, "int8"), blob)
@@ -419,7 +435,10 @@ def _export_into(
             [{k: v[j : j + CALIB_BATCH] for k, v in calib.items()} for j in range(0, n, CALIB_BATCH)],
         )
         fused_entry["files"]["int8"] = _write(tmp, _fused_file("int8"), fused_q)
-        quant_report["fused"] = quant.score(run_onnx(fused_q, sample, out_names), torch_out, targets)
+        fused_mask = (quant_options or {}).get("masks", (None, None))[0]
+        quant_report["fused"] = quant.score(
+            run_onnx(fused_q, sample, out_names), torch_out, targets, fused_mask
+        )
 
     return build_manifest(
         name=name,
