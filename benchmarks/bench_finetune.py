@@ -101,7 +101,8 @@ def _grid(
         with torch.no_grad():
             for n, p in trainable_params(prepared.train_model).items():
                 p.copy_(start[n])
-        r = _run(prepared, dataclasses.replace(base, **{name: v}), work / f"{tag}-{name}={v:g}")
+        change: dict[str, Any] = {name: v}
+        r = _run(prepared, dataclasses.replace(base, **change), work / f"{tag}-{name}={v:g}")
         r["setting"], r["value"] = name, v
         runs.append(r)
         print(f"  {tag} {name}={v:g}: val {r['best_val_accuracy']:.4f} test {r['test_accuracy']:.4f} "
@@ -176,7 +177,8 @@ def main() -> int:
         shutil.rmtree(work)  # a benchmark starts fresh (no resume across runs of the script)
     dense, tok = load_hf(minilm_dir())
     splits, raw = _splits(args.quick, args.max_length, tok)
-    print(f"train {len(splits.train)}, val {len(splits.val)}, test {len(splits.test)}; "
+    test_split: Any = splits.test  # always made here (TextSplits allows none)
+    print(f"train {len(splits.train)}, val {len(splits.val)}, test {len(test_split)}; "
           f"{splits.truncated} texts truncated at {args.max_length} tokens", flush=True)  # fmt: skip
 
     # the factorized MiniLM: half the weights of its linear layers, ASVD (plain SVD with --quick)
@@ -253,7 +255,7 @@ def main() -> int:
 
     names = splits.names
     ys = [
-        np.array([names.index(str(lab)) for lab in s.labels]) for s in (splits.train, splits.val, splits.test)
+        np.array([names.index(str(lab)) for lab in s.labels]) for s in (splits.train, splits.val, test_split)
     ]
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     xtr = vec.fit_transform(raw[0])
@@ -284,7 +286,7 @@ def main() -> int:
                      "max_length": args.max_length, "hf": dataclasses.asdict(hf_cfg),
                      "adamw": dataclasses.asdict(adam_cfg), "hf_l2_grid": HF_GRID, "adamw_lrs": ADAMW_LRS,
                      "sklearn_C_grid": C_GRID},
-        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+        "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test_split),
                  "truncated": splits.truncated, "labels": names},
         "features_seconds": {"dense": feat_dense, "factorized": feat_fact, "distilled": feat_dist},
         "factorized": fact_info,
