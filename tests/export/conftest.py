@@ -25,7 +25,7 @@ def graph_export(tmp_path_factory: pytest.TempPathFactory) -> Any:
             model = build_model(spec, seed=0).eval()
             sample = real_sample(spec)
             out = tmp_path_factory.mktemp(path.stem) / "export"
-            manifest = export_model(model, out, sample=sample)
+            manifest = export_model(model, out, sample=sample, external_data=True)  # data files checked too
             cache[path] = (model, sample, out, manifest)
         return cache[path]
 

@@ -342,10 +342,13 @@ def test_cli_export_samples_select_on_validation() -> None:
 
 def test_export_without_large_tensors_stays_format_1(tmp_path: Path) -> None:
     """No initializer of 1 KiB: every stage file self-contained, no data file, and the manifest keeps
-    format version 1 (an older runtime still loads it); a larger model's stages get data files and 2."""
+    format version 1 (an older runtime still loads it); a larger model's stages get data files and 2
+    when asked (``external_data=True``), and by default only stage files of 1 MiB or more do."""
+    from toolkit.export.exporter import EXTERNAL_MIN_FILE_BYTES
+
     small = ToyModel(d_in=8, hidden=8, classes=3, rank=2).eval()
     sample = toy_sample(small, 4)
-    manifest = export_model(small, tmp_path / "small", sample=sample)
+    manifest = export_model(small, tmp_path / "small", sample=sample, external_data=True)
     assert manifest["version"] == 1 and not list((tmp_path / "small").glob("*.data"))
     assert all("data" not in s["files"]["fp32"] for s in manifest["stages"])
     got = Executor(tmp_path / "small", providers="cpu").run(sample)["head"]
@@ -354,5 +357,17 @@ def test_export_without_large_tensors_stays_format_1(tmp_path: Path) -> None:
     want = want[0] if isinstance(want, tuple) else want
     np.testing.assert_allclose(got, want.numpy(), rtol=RTOL, atol=ATOL)
     large = ToyModel(d_in=64, hidden=128, rank=32).eval()
-    manifest = export_model(large, tmp_path / "large", sample=toy_sample(large, 4))
+    manifest = export_model(large, tmp_path / "large", sample=toy_sample(large, 4), external_data=True)
     assert manifest["version"] == 2 and any("data" in s["files"]["fp32"] for s in manifest["stages"])
+    auto = export_model(large, tmp_path / "auto", sample=toy_sample(large, 4))  # files of a few KiB
+    assert all(s["files"]["fp32"]["bytes"] < EXTERNAL_MIN_FILE_BYTES for s in auto["stages"])
+    assert auto["version"] == 1 and not list((tmp_path / "auto").glob("*.data"))
+    wide = ToyModel(d_in=1024, hidden=1024, rank=256).eval()  # two 2 MiB stages, a small head
+    auto = export_model(wide, tmp_path / "wide", sample=toy_sample(wide, 4))
+    with_data = ["data" in s["files"]["fp32"] for s in auto["stages"]]
+    sizes = [
+        s["files"]["fp32"]["bytes"] + s["files"]["fp32"].get("data", {}).get("bytes", 0)
+        for s in auto["stages"]
+    ]
+    assert with_data == [n >= EXTERNAL_MIN_FILE_BYTES for n in sizes] and any(with_data)
+    assert auto["version"] == 2

@@ -25,7 +25,7 @@ def default_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any,
     splits = load_data(spec.train.data, spec.inputs)
     sample = {k: v[:40] for k, v in splits.test.inputs.items()}
     out = tmp_path_factory.mktemp("default") / "export"
-    export_model(model, out, sample=sample)
+    export_model(model, out, sample=sample, external_data=True)  # the data-file checks run on it
     return out, model, sample
 
 

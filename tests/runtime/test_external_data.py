@@ -195,7 +195,7 @@ def test_swapped_data_file_is_refused(
 
     _, model, sample = default_export
     other = build_model(model.to_spec(), seed=1).eval()
-    export_model(other, tmp_path / "other", sample={"x": sample["x"][:4]})
+    export_model(other, tmp_path / "other", sample={"x": sample["x"][:4]}, external_data=True)
     shutil.copy(tmp_path / "other" / "stage_01.onnx.data", export_copy / "stage_01.onnx.data")
     size = _streaming_budget(export_copy) if budget else None
     with pytest.raises(InputError, match=r"^stage_01\.onnx\.data: sha256 mismatch"):

@@ -59,7 +59,7 @@ def test_session_runs_the_hashed_bytes_even_if_the_file_is_swapped(
 
     _, model, sample = default_export
     other = build_model(model.to_spec(), seed=1).eval()  # same shapes, other weights
-    export_model(other, tmp_path / "other", sample={"x": sample["x"][:4]})
+    export_model(other, tmp_path / "other", sample={"x": sample["x"][:4]}, external_data=True)
     real_create = session_mod.create_session
 
     calls: list[Any] = []
