@@ -53,7 +53,7 @@ import numpy as np
 import onnxruntime as ort
 feeds = np.load(sys.argv[2])
 feeds = dict(feeds) if hasattr(feeds, "files") else {sys.argv[3]: feeds}
-sess = ort.InferenceSession(sys.argv[1] + "/fused.onnx", providers=["CPUExecutionProvider"])
+sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])  # the fused file
 out = sess.run(None, feeds)
 print(out[0].shape, flush=True)
 """
@@ -190,8 +190,9 @@ def main() -> int:
         rlhf_run = str(py.parent / "rlhf-run")
         r["exports"] = {}
         for name, (exp, inp, input_name) in exports.items():
+            fused = exp / json.loads((exp / "manifest.json").read_text())["fused"]["files"]["fp32"]["file"]
             cmds = {
-                "baseline: one session on fused.onnx + one run": [str(py), "-c", BASELINE, str(exp), str(inp), input_name],
+                "baseline: one session on fused.onnx + one run": [str(py), "-c", BASELINE, str(fused), str(inp), input_name],
                 "Executor (staged): manifest, hashes, sessions, one run": [str(py), "-c", EXECUTOR, str(exp), str(inp), input_name],
                 "rlhf-run run (staged), input and output files": [
                     rlhf_run, "run", str(exp), "--input", str(inp), "-o", str(work / ("o" + inp.suffix)),
@@ -211,7 +212,7 @@ def main() -> int:
                 rows[k] = {"median_s": med, "min_s": min(ts), "max_s": max(ts), "ratio": med / base}
             r["exports"][name] = {
                 "stage_files": len([f for f in files if f.name.startswith("stage_")]),
-                "fused_bytes": (exp / "fused.onnx").stat().st_size,
+                "fused_bytes": fused.stat().st_size,
                 "rows": rows,
             }
             print(name, json.dumps(rows, indent=1), flush=True)
