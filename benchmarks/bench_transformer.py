@@ -14,9 +14,9 @@ Measured side by side in one run and written to docs/benchmarks/transformer.md (
 3. Per-stage int8 (setting chosen by the exporter on a validation split of 64 sentences, files at
    most 0.30 of fp32): every candidate's score there, the layer sensitivities, then on 128 held-out
    sentences the mean-pooled embedding cosine to fp32 (executor defaults, and with weight
-   prepacking on: the exporter's sessions), file sizes, and int8 vs fp32 latency (staged executor).
+   prepacking off), file sizes, and int8 vs fp32 latency (staged executor).
 4. Streaming: peak RSS (VmHWM above the baseline once onnxruntime's environment is up) of the resident
-   and the streaming executor (budget = half the weights; the stages' weights are external data that
+   and the streaming executor, the latter also with weight prepacking off (budget = half the weights; the stages' weights are external data that
    onnxruntime memory-maps, so the embedding stage costs the rows a batch reads), each in a fresh
    subprocess, and whether the outputs are bit-identical.
 5. Factorized imported MiniLM at half the linear weights, on the spec path, with bench_factorize's
@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +110,19 @@ def rss_worker(export_dir: str, mode: str, batch: int) -> None:
     budget = None if mode == "resident" else total // 2
     base = current_rss()
     reset_peak_rss()
+    prepacking = mode != "streaming-no-prepacking"
     ex = Executor(
-        export_dir, providers="cpu", memory_budget=budget, session_options=SessionConfig(intra_op_threads=1)
+        export_dir,
+        providers="cpu",
+        memory_budget=budget,
+        session_options=SessionConfig(intra_op_threads=1, prepacking=prepacking),
     )
     out = ex.run(feeds)["pool"]
     print(
         json.dumps(
             {
                 "mode": ex.mode,
+                "prepacking": prepacking,
                 "batch": batch,
                 "seq": int(seq),
                 "peak_bytes": peak_rss() - base,
@@ -138,7 +144,7 @@ def memory_section(exp: Path) -> list[dict[str, Any]]:
     subprocess (``rss_worker``)."""
     runs = []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    for mode in ("resident", "streaming"):
+    for mode in ("resident", "streaming", "streaming-no-prepacking"):
         out = subprocess.run(
             [sys.executable, __file__, "--rss-worker", str(exp), mode, "8"],
             capture_output=True,
@@ -302,8 +308,6 @@ def int8_section(
     exp: Path, manifest: dict[str, Any], text: dict[str, Any], cfg: Any, seconds: float, quick: bool
 ) -> dict[str, Any]:
     """Section 3: the exporter's int8 choice, its cosine on held-out sentences, sizes, latency."""
-    from dataclasses import replace
-
     from toolkit.export.text import tokenize
     from toolkit.runtime import Executor
 
@@ -313,7 +317,7 @@ def int8_section(
     int8 = Executor(exp, providers="cpu", session_options=cfg, variant="int8")
     a = fp32.run(evalf)["pool"].astype(np.float64)
     cosines = {}
-    for name, c in (("executor", cfg), ("prepacking on", replace(cfg, prepacking=True))):
+    for name, c in (("executor", cfg), ("prepacking off", replace(cfg, prepacking=False))):
         b = (
             Executor(exp, providers="cpu", session_options=c, variant="int8")
             .run(evalf)["pool"]
@@ -346,7 +350,7 @@ def int8_section(
         "sentences": len(a),
         "cosine_min": cosines["executor"]["min"],
         "cosine_mean": cosines["executor"]["mean"],
-        "cosine_prepacking": cosines["prepacking on"],
+        "cosine_no_prepacking": cosines["prepacking off"],
         "size_ratio": q["end_to_end"]["size_ratio"],
         "size_limit": q.get("size_limit"),
         "stage_bytes": [
@@ -373,10 +377,11 @@ def int8_report(q: dict[str, Any]) -> list[str]:
         f"Sentence-embedding cosine to fp32 over {q['sentences']} held-out sentences: min {q['cosine_min']:.4f}, "
         f"mean {q['cosine_mean']:.4f} (executor defaults)",
     ]
-    if "cosine_prepacking" in q:
-        p = q["cosine_prepacking"]
+    if "cosine_no_prepacking" in q:
+        p = q["cosine_no_prepacking"]
         lines[-1] += (
-            f"; min {p['min']:.4f}, mean {p['mean']:.4f} with weight prepacking on (the exporter's sessions)"
+            f"; min {p['min']:.4f}, mean {p['mean']:.4f} with weight prepacking off (weight-only layers then "
+            "compute in float; on, onnxruntime's MatMulNBits rounds their activations to 8 bits)"
         )
     lines[-1] += f"; files {q['size_ratio']:.3f} of fp32" + (
         f" (limit {q['size_limit']:g})." if q.get("size_limit") is not None else "."
@@ -437,7 +442,7 @@ def int8_report(q: dict[str, Any]) -> list[str]:
     if q.get("latency"):
         lines += [
             "",
-            f"Latency, staged executor with its defaults (weight prepacking off), {THREADS} threads, interleaved:",
+            f"Latency, staged executor with its defaults (weight prepacking on), {THREADS} threads, interleaved:",
             "",
             "| batch | config | p50 ms | p90 ms |",
             "|---|---|---|---|",
@@ -649,6 +654,7 @@ def main() -> int:
         cfg = SessionConfig(intra_op_threads=THREADS)
         staged = Executor(exp, providers="cpu", session_options=cfg)
         fused = Executor(exp, providers="cpu", session_options=cfg, fused=True)
+        unpacked = Executor(exp, providers="cpu", session_options=replace(cfg, prepacking=False))
         quiet = no_spin_sessions(exp, manifest)
         fusedops = Executor(work / "export-fused-ops", providers="cpu", session_options=cfg)
         lat: dict[str, Any] = {}
@@ -656,6 +662,7 @@ def main() -> int:
             f = tokenize(text, sentences(batch, 600), MAX_TOKENS)
             fns: dict[str, Callable[[], object]] = {
                 "staged (3 stages)": lambda f=f: staged.run(f),
+                "staged, prepacking off": lambda f=f: unpacked.run(f),
                 "fused": lambda f=f: fused.run(f),
                 "staged, spinning off": lambda f=f: quiet[0](f),
                 "fused, spinning off": lambda f=f: quiet[1](f),
@@ -756,6 +763,11 @@ def report(r: dict[str, Any]) -> str:
                 lines.append(
                     f"- batch {batch}: {peer} / onnxruntime staged = {res[peer]['p50_ms'] / res['staged (3 stages)']['p50_ms']:.2f}x"
                 )
+                if "staged, prepacking off" in res:
+                    lines.append(
+                        f"- batch {batch}: {peer} / onnxruntime staged with weight prepacking off = "
+                        f"{res[peer]['p50_ms'] / res['staged, prepacking off']['p50_ms']:.2f}x"
+                    )
     lines += ["", *int8_report(r["int8"])]
     lines += [
         "",
@@ -775,17 +787,29 @@ def report(r: dict[str, Any]) -> str:
         budget = run.get("budget_bytes")
         loaded = run.get("largest_stage_estimate_bytes", run["largest_stage_bytes"])
         lines.append(
-            f"| {run['mode']} | {run['seq']} | {f'{budget / mib:.1f}' if budget else '-'} | "
+            f"| {run['mode'] + ('' if run.get('prepacking', True) else ', prepacking off')} | {run['seq']} | {f'{budget / mib:.1f}' if budget else '-'} | "
             f"{run['largest_stage_bytes'] / mib:.1f} | {loaded / mib:.1f} | {run['activation_bytes'] / mib:.2f} | "
             f"{run['total_weight_bytes'] / mib:.1f} | {run['peak_bytes'] / mib:.1f} | "
             + (f"{run['peak_bytes'] / budget:.2f}" if budget else "-")
             + f" | {run['peak_bytes'] / (loaded + run['activation_bytes']):.2f} | {run['peak_bytes'] / ref:.2f} |"
         )
-    same = len({run["pool_sha"] for run in r["memory"]}) == 1
+    same = len({run["pool_sha"] for run in r["memory"] if run.get("prepacking", True)}) == 1
+    off = [
+        run["pool_sha"] == r["memory"][0]["pool_sha"]
+        for run in r["memory"]
+        if not run.get("prepacking", True)
+    ]
     first = r["memory"][0]
     lines += [
         "",
-        f"- streaming and resident embeddings bit-identical: {same}",
+        f"- streaming and resident embeddings bit-identical (weight prepacking on in both, the default): {same}",
+        *(
+            [
+                f"- streaming with prepacking off bit-identical to the resident run: {off[0]} (another GEMM kernel)"
+            ]
+            if off
+            else []
+        ),
         *(
             [
                 "- load average during these runs: "
@@ -801,7 +825,8 @@ def report(r: dict[str, Any]) -> str:
         *(
             [
                 f"- largest stage without its Gather tables: {run['largest_without_tables_bytes'] / mib:.1f} MiB "
-                f"(a transformer layers' stage); peak / (that + activations) = "
+                f"(a transformer layers' stage); peak{'' if run.get('prepacking', True) else ' (prepacking off)'} "
+                "/ (that + activations) = "
                 f"{run['peak_bytes'] / (run['largest_without_tables_bytes'] + run['activation_bytes']):.2f} "
                 "(the rest is onnxruntime's working memory inside the stage: attention scores, feed-forward "
                 "intermediates, which neither figure counts)"
