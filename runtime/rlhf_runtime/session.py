@@ -41,12 +41,12 @@ class SessionConfig:
         optimization: graph optimization level: "disable", "basic", "extended" or "all".
         memory_pattern: let onnxruntime pre-plan activation buffers for repeated shapes.
         prepacking: let onnxruntime pre-pack GEMM weights into its kernels' layout when a session
-            is created. On by default: MiniLM in 3 stages at batch 1 runs 1.45x faster with it
-            (4.3 vs 6.2 ms, 2 threads), and int8 files with weight-only layers need it for their
-            fused kernel. Streaming and resident runs use the same setting, so their outputs stay
-            bit-identical; streaming MiniLM under half its weights peaks ~5 MiB higher with it
-            (docs/benchmarks/transformer.md). Off gives a different GEMM kernel (last-bit
-            differences) and the smallest streaming peak.
+            is created. On by default: MiniLM in 3 stages at batch 1 runs 1.4x faster with it
+            (4.4 vs 6.2 ms, 2 threads; docs/benchmarks/transformer.md), and int8 files with
+            weight-only layers need it for their fused kernel. Streaming and resident runs use the
+            same setting, so their outputs stay bit-identical; MiniLM streamed under half its
+            weights peaks at the same RSS with it or without (36.5 vs 36.8 MiB). Off gives a
+            different GEMM kernel (last-bit differences).
         spinning: let the intra-op thread pool spin (busy-wait) after a run, waiting for the next
             one. Off by default: a staged export holds one session, so one thread pool, per stage,
             and idle pools that spin take the cores from the stage that is running (on a loaded
