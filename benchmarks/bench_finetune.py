@@ -8,7 +8,8 @@ on mean-pooled MiniLM features computed once), from the same start (a zero head)
 minibatch order (seed 0), with early stopping on the validation split and the same wall-clock
 budget of training per run; test figures are taken at each run's best validation point. The
 factorized MiniLM is run twice in the same report: ASVD only, and ASVD then ``--distill-steps``
-steps of ``toolkit.factorize.hf.distill`` (its defaults) against the dense MiniLM on unlabelled
+steps of ``toolkit.factorize.hf.distill`` (peak lr ``--distill-lr``, default 5e-4 as ``rlhf factorize
+--distill-lr``) against the dense MiniLM on unlabelled
 training-split texts (never validation or test texts). The
 report (markdown + JSON + a plot of validation accuracy against training time) records the
 machine, its load average and the thread count.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import os
 import platform
@@ -152,6 +152,12 @@ def main() -> int:
         help="distillation steps of the factorized MiniLM (batches of 32 training texts; default 320: one pass over the training texts; quick 3)",
     )
     ap.add_argument(
+        "--distill-lr",
+        type=float,
+        default=5e-4,  # the default of `rlhf factorize --distill-lr`, what a user of the CLI gets
+        help="distillation peak learning rate (default 5e-4, as rlhf factorize; the function's own default is 1e-4)",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="rewrite the markdown and plot from the JSON beside --out"
     )
     args = ap.parse_args()
@@ -195,13 +201,13 @@ def main() -> int:
                  "method": "svd" if args.quick else "asvd", "seconds": time.perf_counter() - t0}  # fmt: skip
 
     # ... and the same factorized MiniLM distilled against the dense one: toolkit.factorize.hf.distill
-    # with its defaults, on unlabelled texts of the training split only (in-domain, task-agnostic)
+    # at the CLI's peak lr, on unlabelled texts of the training split only (in-domain, task-agnostic)
     student = copy.deepcopy(fact)
     for p in student.parameters():
         p.requires_grad_(True)
     feed = _distill_batches(tok, raw[0], distill_steps, 32, args.max_length, seed=0)
-    log = distill(student, dense, feed, steps=distill_steps)
-    distill_info = {"lr": inspect.signature(distill).parameters["lr"].default, "steps": distill_steps, "batch_size": 32, "seconds": log.seconds,
+    log = distill(student, dense, feed, steps=distill_steps, lr=args.distill_lr)
+    distill_info = {"lr": args.distill_lr, "steps": distill_steps, "batch_size": 32, "seconds": log.seconds,
                     "seconds_per_step": log.seconds / max(1, distill_steps), "distinct_texts": sum(len(b["input_ids"]) for b in feed),
                     "loss_first": log.losses[0] if log.losses else None,
                     "loss_last": log.losses[-1] if log.losses else None, "losses": log.losses}  # fmt: skip
@@ -370,7 +376,7 @@ def _markdown(doc: dict[str, Any], args: Any) -> str:
         f"({'calibration: 64 training texts; ' if fm == 'ASVD' else ''}{doc['factorized']['seconds']:.0f} s) at half the weights "
         f"({doc['factorized']['linear_factor_params']:,} of {doc['factorized']['linear_dense_params']:,}); "
         f"reported twice: as it is ({fm} only) and after **{di['steps']} steps of distillation** against the dense MiniLM "
-        f"(`toolkit.factorize.hf.distill` with its defaults: every parameter, AdamW, one-cycle schedule to peak lr {di['lr']:g}, "
+        f"(`toolkit.factorize.hf.distill`: every parameter, AdamW, one-cycle schedule to peak lr {di['lr']:g}, "
         f"loss token-state MSE + (1 − cosine of the pooled embeddings); dropout as in training) on batches of "
         f"{di['batch_size']} unlabelled texts of the training split ({di['distinct_texts']:,} distinct texts, seeded order, "
         f"length-bucketed; never a validation or test text): {di['seconds']:.0f} s, {di['seconds_per_step']:.1f} s a step"
