@@ -6,6 +6,7 @@ import itertools
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -263,6 +264,21 @@ def test_unit_at_rank_scale_exact_bytes() -> None:
     assert dense.at_rank_scale(0.25) == dense
 
 
+def _random_devices(rng: np.random.Generator, k: int, max_kb: int) -> dict[str, Any]:
+    """A devices document: ``k`` devices of 80 to ``max_kb`` KB and speed 0.5 to 2, one default link."""
+    return {
+        "devices": [
+            {
+                "name": f"d{i}",
+                "memory": int(rng.integers(80, max_kb)) * 1000,
+                "speed": float(rng.uniform(0.5, 2)),
+            }
+            for i in range(k)
+        ],
+        "links": {"default": {"bandwidth": 1e6, "latency": 0.01}},
+    }
+
+
 def test_rank_lowering_only_where_needed_equals_brute_force() -> None:
     """Stages that do not fit at full rank take the largest scale that fits; the rest keep their ranks."""
     rng = np.random.default_rng(5)
@@ -276,17 +292,7 @@ def test_rank_lowering_only_where_needed_equals_brute_force() -> None:
                 Unit(f"u{i}", float(rng.uniform(0.5, 2)), rb + 1000, (f"u{i}",), rank=32, rank_bytes=rb)
             )
         profile = ModelProfile("r", 1, tuple(units), tuple([1000] * (n + 1)))
-        doc = {
-            "devices": [
-                {
-                    "name": f"d{i}",
-                    "memory": int(rng.integers(80, 200)) * 1000,
-                    "speed": float(rng.uniform(0.5, 2)),
-                }
-                for i in range(k)
-            ],
-            "links": {"default": {"bandwidth": 1e6, "latency": 0.01}},
-        }
+        doc = _random_devices(rng, k, max_kb=200)
         cluster = parse_devices(doc)
         best = math.inf
         for kk in range(1, k + 1):  # brute force with the same rule: largest scale that fits
@@ -359,17 +365,7 @@ def test_least_lowered_equals_brute_force() -> None:
                 )
             )
         profile = ModelProfile("r", 1, tuple(units), tuple([1000] * (n + 1)))
-        doc = {
-            "devices": [
-                {
-                    "name": f"d{i}",
-                    "memory": int(rng.integers(80, 250)) * 1000,
-                    "speed": float(rng.uniform(0.5, 2)),
-                }
-                for i in range(k)
-            ],
-            "links": {"default": {"bandwidth": 1e6, "latency": 0.01}},
-        }
+        doc = _random_devices(rng, k, max_kb=250)
         cluster = parse_devices(doc)
         best = (math.inf, math.inf)
         for kk in range(1, k + 1):

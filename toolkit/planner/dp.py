@@ -472,7 +472,7 @@ def plan_least_lowering(
         InputError: as :func:`plan_pipeline` with every scale allowed.
     """
     scales = sorted({float(x) for x in rank_scales} | {1.0}, reverse=True)
-    for i in range(1, len(scales)):
+    for i in range(1, len(scales) + 1):
         try:
             return plan_pipeline(
                 profile,
@@ -484,13 +484,6 @@ def plan_least_lowering(
                 least_lowered=True,
             )
         except InputError:
-            continue
-    return plan_pipeline(
-        profile,
-        cluster,
-        objective,
-        max_exact=max_exact,
-        max_stages=max_stages,
-        rank_scales=scales,
-        least_lowered=True,
-    )
+            if i == len(scales):  # no plan even with every scale allowed: its error is the answer
+                raise
+    raise AssertionError("unreachable: the last iteration returns or raises")
