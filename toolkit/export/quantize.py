@@ -244,8 +244,9 @@ def quantize_model(
             if setting.method in ("dynamic", "weight_only"):
                 proto = gemm_to_matmul(onnx.load_from_string(pre))
                 keep = set(setting.float_weights)
-                excluded = [n.name for n, w in matmul_weights(proto) if weight_digest(w) in keep]
-                if excluded and any(not n.name for n, _ in matmul_weights(proto)):
+                weights = matmul_weights(proto) if keep else []  # digests only when layers are kept
+                excluded = [n.name for n, w in weights if weight_digest(w) in keep]
+                if excluded and any(not n.name for n, _ in weights):
                     raise ValueError("weight-only MatMuls: every MatMul node needs a name to be excluded")
                 src.write_bytes(proto.SerializeToString())
                 quantize_dynamic(
