@@ -15,6 +15,10 @@ whose tensors travel as Ray object references, so stage k works on request i + 1
 works on request i. At most ``max_in_flight`` requests are in the pipeline (each actor's queue is
 bounded by that); the producer waits for a result before it admits another (back-pressure).
 
+Each call returns one object, the tensors for the next stage with the timing records of the
+stages so far (``StageWorker.run_carried``); ``carry_records=False`` returns each stage's record as
+an object of its own (two returns per call, one more fetch per stage: the benchmark compares them).
+
 Fault tolerance: actors restart (``max_restarts``) after they die; Ray does not retry their calls
 (``max_task_retries=0``): the pipeline does, per request id, from the request's inputs, which it
 keeps until the request is answered. A request is answered exactly once: results are keyed by id,
@@ -23,6 +27,7 @@ and an id already answered is never resubmitted nor yielded again.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -39,6 +44,7 @@ from rlhf_runtime.stage_worker import StageWorker
 from rlhf_runtime.text import text_limits
 
 RESOURCE_PREFIX = "device:"
+REPORT_FORMAT = "rlhf-serve-report"
 
 
 def device_resource(name: str) -> str:
@@ -79,6 +85,8 @@ class Pipeline:
         max_attempts: how often one request may be submitted before the error is raised.
         slowdown: device name -> repeat factor (the benchmark's emulation of a slower device).
         fused: one stage holding every export stage runs the export's fused file instead.
+        carry_records: the timing records travel with the tensors (one object per call); False:
+            one more object per stage and call (the form before, kept to measure the difference).
 
     Raises:
         InputError: a placement for another export, an unreachable cluster, or a device the
@@ -98,6 +106,7 @@ class Pipeline:
         slowdown: Mapping[str, int] | None = None,
         variant: str = "fp32",
         fused: bool = False,
+        carry_records: bool = True,
     ) -> None:
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(self.export_dir)
@@ -163,6 +172,7 @@ class Pipeline:
             for st in self.placement.stages
         ]
         self.pids = ray.get([a.pid.remote() for a in self.actors])
+        self.carry_records = carry_records
         self.max_in_flight = max_in_flight or 2 * len(self.actors)
         self.max_attempts = max_attempts
         self.input_names = [t.name for t in self.manifest.inputs]
@@ -174,9 +184,11 @@ class Pipeline:
     def reset_stats(self) -> None:
         """Forget the figures so far (the next stream starts a new measurement)."""
         self.latencies: list[float] = []
+        self._cpu0 = self._process_cpu()
         self.busy = [0.0] * len(self.actors)
         self.cpu = [0.0] * len(self.actors)
         self.answered: set[int] = set()
+        self._batch_sizes: set[int] = set()
         self.retries = 0
         self.duplicates = 0
         self.failures: list[float] = []  # time.perf_counter() of each failed attempt
@@ -184,6 +196,63 @@ class Pipeline:
         self._t0: float | None = None
         self._t_last = 0.0
         self._pending_failure: float | None = None
+
+    def _process_cpu(self) -> list[float] | None:
+        """CPU seconds of each actor's process so far (None when an actor is not answering)."""
+        from ray.exceptions import RayError
+
+        try:
+            return [float(x) for x in self._ray.get([a.cpu.remote() for a in self.actors], timeout=30)]
+        except RayError:  # a dead or restarting actor, or a timeout: no figure, not an error
+            return None
+
+    def process_cpu_per_request(self) -> list[float] | None:
+        """Each actor process's CPU seconds per answered request since :meth:`reset_stats`.
+
+        Counts what the stage pays beyond its onnxruntime calls (Ray's dispatch, reading and
+        writing the object store). Call it between streams: the actors answer it after their
+        queued requests. None when an actor restarted (its process's count began again) or is
+        not answering.
+        """
+        now = self._process_cpu()
+        pids = self._ray.get([a.pid.remote() for a in self.actors]) if now is not None else None
+        if now is None or self._cpu0 is None or pids != self.pids or not self.answered:
+            return None
+        return [(b - a) / len(self.answered) for a, b in zip(self._cpu0, now)]
+
+    def report(self) -> dict[str, Any]:
+        """The serve report (``rlhf serve --report``, read by ``rlhf plan --measured``).
+
+        Per stage: device, export-stage range, wall and CPU seconds of its onnxruntime calls per
+        request (``busy_s`` / ``cpu_s``), and its process's CPU per request when known; plus the
+        export it ran, the micro-batch size and :meth:`stats`.
+        """
+        st = self.stats()
+        n = max(1, st["requests"])
+        proc = self.process_cpu_per_request()
+        sizes = {int(v) for v in self._batch_sizes}
+        return {
+            "format": REPORT_FORMAT,
+            "version": 1,
+            "export": {
+                "name": self.manifest.name,
+                "manifest_sha256": hashlib.sha256(
+                    (self.export_dir / "manifest.json").read_bytes()
+                ).hexdigest(),
+            },
+            "micro_batch": sizes.pop() if len(sizes) == 1 else None,
+            "stages": [
+                {
+                    "device": s.device,
+                    "units": list(s.units),
+                    "busy_s": self.busy[i] / n,
+                    "cpu_s": self.cpu[i] / n,
+                    "process_cpu_s": None if proc is None else proc[i],
+                }
+                for i, s in enumerate(self.placement.stages)
+            ],
+            "stats": st,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Throughput, latency percentiles (ms), per-stage utilisation, retries, recoveries.
@@ -223,8 +292,11 @@ class Pipeline:
     def _submit(self, rid: int, inputs_ref: Any) -> tuple[Any, list[Any]]:
         ref, timings = inputs_ref, []
         for actor in self.actors:
-            ref, timing = actor.run.options(num_returns=2).remote(rid, ref)
-            timings.append(timing)
+            if self.carry_records:
+                ref = actor.run_carried.remote(rid, ref)
+            else:
+                ref, timing = actor.run.options(num_returns=2).remote(rid, ref)
+                timings.append(timing)
         return ref, timings
 
     def stream(
@@ -266,7 +338,8 @@ class Pipeline:
                 rid = self._next_id
                 self._next_id += 1
                 index[rid] = pos
-                inputs[rid] = ray.put(dict(req))
+                inputs[rid] = ray.put((dict(req), []) if self.carry_records else dict(req))
+                self._batch_sizes.update(int(np.shape(v)[0]) for v in req.values() if np.ndim(v))
                 started[rid] = time.perf_counter()
                 attempts[rid] = 1
                 final, timings = self._submit(rid, inputs[rid])
@@ -277,8 +350,10 @@ class Pipeline:
             for ref in ready:
                 rid, timings = pending.pop(ref)
                 try:
-                    env = ray.get(ref)
-                    records = ray.get(timings)
+                    if self.carry_records:
+                        env, records = ray.get(ref)
+                    else:
+                        env, records = ray.get(ref), ray.get(timings)
                 except retryable:
                     now = time.perf_counter()
                     self.failures.append(now)

@@ -106,6 +106,23 @@ class StageWorker:
             "end": time.time(),
         }
 
+    def run_carried(
+        self, request_id: int, payload: tuple[Mapping[str, np.ndarray], list[dict[str, Any]]]
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """:meth:`run` with the timing records travelling along with the tensors.
+
+        ``payload`` is ``(tensors, records of the stages before)``; the result is ``(tensors for the
+        next stage, records + [this stage's])``: one object per call, so the driver fetches one
+        object per request instead of one per stage plus the outputs.
+        """
+        env, records = payload
+        result, record = self.run(request_id, env)
+        return result, [*records, record]
+
+    def cpu(self) -> float:
+        """CPU seconds of the worker's whole process so far (onnxruntime and Ray's threads)."""
+        return time.process_time()
+
     def pid(self) -> int:
         """The worker's process id (tests kill it; the pipeline reports restarts)."""
         return os.getpid()

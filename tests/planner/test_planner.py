@@ -50,8 +50,10 @@ def brute_force(profile: ModelProfile, doc: dict, objective: str) -> tuple[float
     """Every partition x every injective device sequence, costs computed from the raw numbers."""
     n = len(profile.units)
     devs = doc["devices"]
-    default = doc["links"]["default"]
-    pair = {frozenset((p["a"], p["b"])): p for p in doc["links"].get("pairs", [])}
+    free = {"latency": 0.0, "bandwidth": math.inf}  # a hop without links: one machine
+    default = doc.get("links", {}).get("default", free if "hop" in doc else None)
+    pair = {frozenset((p["a"], p["b"])): p for p in doc.get("links", {}).get("pairs", [])}
+    hop = doc.get("hop", {"fixed": 0.0, "per_byte": 0.0})
     secs = [u.seconds for u in profile.units]
     wts = [u.weight_bytes for u in profile.units]
     cuts = profile.cut_bytes
@@ -66,12 +68,16 @@ def brute_force(profile: ModelProfile, doc: dict, objective: str) -> tuple[float
                     if sum(wts[s:e]) + cuts[s] + cuts[e] > devs[d]["memory"]:
                         ok = False
                         break
-                    times.append(sum(secs[s:e]) / devs[d]["speed"])
+                    times.append(
+                        sum(secs[s:e]) / devs[d]["speed"]
+                        + hop["fixed"]
+                        + hop["per_byte"] * (cuts[s] + cuts[e])
+                    )
                 if not ok:
                     continue
                 for (_, e), d1, d2 in zip(ranges, seq, seq[1:]):
                     ln = pair.get(frozenset((devs[d1]["name"], devs[d2]["name"])), default)
-                    times.append(ln["latency"] + cuts[e] / ln["bandwidth"])
+                    times.append(math.inf if ln is None else ln["latency"] + cuts[e] / ln["bandwidth"])
                 value = (max(times), sum(times)) if objective == "throughput" else (sum(times), max(times))
                 if value[0] < best[0] - 1e-12 or (
                     abs(value[0] - best[0]) <= 1e-12 * best[0] and value[1] < best[1]
@@ -106,6 +112,61 @@ def test_equals_brute_force(seed: int, objective: str) -> None:
     for st in plan.stages:  # the plan respects every device's memory
         mem = next(d["memory"] for d in doc["devices"] if d["name"] == st.device)
         assert st.memory_bytes <= mem
+
+
+@pytest.mark.parametrize("objective", ["throughput", "latency"])
+@pytest.mark.parametrize("seed", range(10))
+def test_hop_cost_equals_brute_force(seed: int, objective: str) -> None:
+    """A Ray hop per stage (fixed + per byte in and out), with the file's links or none (one machine)."""
+    rng = np.random.default_rng(1000 + seed)
+    n, k = int(rng.integers(2, 7)), int(rng.integers(1, 5))
+    profile = random_profile(rng, n)
+    doc = random_devices(rng, k, pairs=seed % 2 == 0)
+    if seed % 3 == 0:
+        del doc["links"]
+    # a fixed cost of the order of a unit, a per-byte cost making the cut sizes matter
+    doc["hop"] = {"fixed": float(rng.uniform(0, 1.0)), "per_byte": float(rng.uniform(0, 2e-5))}
+    cluster = parse_devices(doc)
+    assert cluster.hop is not None and cluster.cost_model.startswith("Ray")
+    expected = brute_force(profile, doc, objective)
+    if not math.isfinite(expected[0]):
+        with pytest.raises(InputError):
+            plan_pipeline(profile, cluster, objective)
+        return
+    plan = plan_pipeline(profile, cluster, objective)
+    got = (
+        (plan.bottleneck_s, plan.latency_s)
+        if objective == "throughput"
+        else (plan.latency_s, plan.bottleneck_s)
+    )
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-9)
+    assert got[1] >= expected[1] * (1 - 1e-9)
+    assert plan.bottleneck_s >= plan.lower_bound_s * (1 - 1e-12)
+    for st in plan.stages:  # each stage's hop from the raw numbers: fixed + per byte in and out
+        want = doc["hop"]["fixed"] + doc["hop"]["per_byte"] * (
+            profile.cut_bytes[st.start] + profile.cut_bytes[st.stop]
+        )
+        np.testing.assert_allclose(st.hop_s, want, rtol=1e-12)
+        np.testing.assert_allclose(st.busy_s, st.compute_s + want, rtol=1e-12)
+
+
+def test_hop_changes_the_plan() -> None:
+    """Two equal units on two equal devices: split without a hop; one stage once a hop costs more
+    than the half of the compute a split saves (a hop per stage is paid by each stage anyway, so it is
+    the per-byte share of the cut that decides)."""
+    units = (Unit("u0", 1.0, 10), Unit("u1", 1.0, 10))
+    prof = ModelProfile("two", 1, units, (0, 1_000_000, 0))
+    doc: dict[str, Any] = {"devices": [{"name": "a", "memory": 1e7}, {"name": "b", "memory": 1e7}]}
+    plain = plan_pipeline(prof, parse_devices({**doc, "links": {"default": {"bandwidth": 1e15}}}))
+    assert plain.partition() == [(0, 1), (1, 2)] and plain.bottleneck_s == pytest.approx(1.0)
+    # split: each stage 1 s + 0.5 s (fixed) + 1e6 B x 1.5e-6 s/B = 3.0 s; one stage: 2 + 0.5 = 2.5 s
+    heavy = parse_devices({**doc, "hop": {"fixed": 0.5, "per_byte": 1.5e-6}})
+    plan = plan_pipeline(prof, heavy)
+    assert plan.partition() == [(0, 2)]
+    assert plan.bottleneck_s == pytest.approx(2.5) and plan.stages[0].hop_s == pytest.approx(0.5)
+    light = parse_devices({**doc, "hop": {"fixed": 0.5, "per_byte": 1e-7}})
+    assert plan_pipeline(prof, light).bottleneck_s == pytest.approx(1.6)  # 1 + 0.5 + 0.1
+    assert light.with_hop(None).link("a", "b") is None  # without the hop: no links again
 
 
 def test_identical_devices_equal_brute_force() -> None:

@@ -292,3 +292,67 @@ def test_planned_spec_with_a_skip_connection(ray_cluster: Any, tmp_path: Path) -
         out = pipe.run({"x": x}, micro_batch=4)
     want = np.concatenate([ex.run({"x": x[i : i + 4]})["head"] for i in range(0, 16, 4)])
     np.testing.assert_array_equal(out["head"], want)
+
+
+def test_serve_report_feeds_plan_measured(ray_cluster: Any, default_export: Fixture, tmp_path: Path) -> None:
+    """rlhf serve --report writes the per-stage times; rlhf plan EXPORT --measured plans with them."""
+    import json
+
+    export, _, sample = default_export
+    path = tmp_path / "placement.yaml"
+    save_placement(_placement(export, [(0, 1), (1, 2)], ["a", "b"]), path)
+    np.save(tmp_path / "x.npy", sample["x"][:32])
+    report = tmp_path / "report.json"
+    args = ["serve", str(export), "--placement", str(path), "--input", str(tmp_path / "x.npy")]
+    res = CliRunner().invoke(
+        main, [*args, "-o", str(tmp_path / "y.npy"), "--report", str(report)], catch_exceptions=False
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(report.read_text())
+    assert doc["micro_batch"] == 8 and [s["units"] for s in doc["stages"]] == [[0, 1], [1, 2]]
+    for st in doc["stages"]:  # CPU inside the calls <= wall inside them; the process pays more
+        assert 0 < st["cpu_s"] <= st["busy_s"] * 1.05
+        assert st["process_cpu_s"] is None or st["process_cpu_s"] >= st["cpu_s"] * 0.5
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices: [{name: a, memory: 1GB}, {name: b, memory: 1GB}]\nhop: {fixed: 0.0, per_byte: 0}\n"
+    )
+    plan_args = ["plan", str(export), "--devices", str(devices), "--batch", "8", "--seconds", "0.1"]
+    res = CliRunner().invoke(
+        main,
+        [*plan_args, "--placement", str(tmp_path / "p2.yaml"), "--measured", str(report), "--clock", "cpu"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "re-planned with the measured times" in res.output and "measured (CPU time" in res.output
+    # the predicted bottleneck is the larger measured stage (free hop and links): the report's own figures
+    pred = load_placement(tmp_path / "p2.yaml").predicted or {}
+    np.testing.assert_allclose(pred["bottleneck_s"], max(s["cpu_s"] for s in doc["stages"]), rtol=1e-9)
+    # a report at another micro-batch: one line, exit 2
+    res = CliRunner().invoke(main, [*plan_args[:-4], "--batch", "4", "--measured", str(report)])
+    assert res.exit_code == 2 and "micro-batch 8" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_hop_measured_on_ray(ray_cluster: Any, default_export: Fixture, tmp_path: Path) -> None:
+    """--hop measure times a no-op actor here and puts the fitted hop into the plan and the placement."""
+    from toolkit.planner.hop import calibrate_hop
+
+    cal = calibrate_hop([1024, 65536, 262144], calls=30, warmup=5)
+    assert cal.fixed >= 0 and cal.per_byte >= 0 and len(cal.actor_cpu_s) == 3
+    assert all(c > 0 for c in cal.actor_cpu_s) and all(w > 0 for w in cal.wall_s)
+    export, _, _ = default_export
+    devices = tmp_path / "devices.yaml"
+    devices.write_text("devices: [{name: a, memory: 1GB}, {name: b, memory: 1GB}]\n")
+    placement = tmp_path / "placement.yaml"
+    res = CliRunner().invoke(
+        main,
+        [
+            *("plan", str(export), "--devices", str(devices), "--batch", "8", "--seconds", "0.1"),
+            *("--hop", "measure", "--placement", str(placement)),
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "hop measured" in res.output and "hop: {fixed:" in res.output and "cost model: Ray" in res.output
+    pred = load_placement(placement).predicted or {}
+    assert pred["hop_fixed_s"] >= 0 and pred["bottleneck_s"] >= pred["hop_fixed_s"]

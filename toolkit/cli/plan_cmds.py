@@ -226,6 +226,25 @@ def profile(source: Path, batch: int, threads: int, seconds: float, clock: str, 
     "checkpoints/best-00000000, lowering.json), atomically; `rlhf export OUT` gives the export to serve.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o directory.")
+@click.option(
+    "--hop",
+    type=click.Choice(["file", "measure", "none"]),
+    default="file",
+    show_default=True,
+    help="What running a stage as a Ray actor costs: file: the devices file's `hop:` (fixed + per byte "
+    "in and out, per stage) if it has one, else the plain model (stage compute and link transfers); "
+    "measure: time a no-op Ray actor here with tensors of each cut's size (starts a local Ray) and use "
+    "that, also printed as a `hop:` line for devices.yaml; none: the plain model.",
+)
+@click.option(
+    "--measured",
+    "measured_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A report of `rlhf serve --report` for SOURCE (an export): its measured per-stage busy times "
+    "replace the profiled costs of the units each stage ran (split in proportion to the profile), "
+    "the plan is made again, and the stages whose cut or device changed are shown.",
+)
 def plan(
     source: Path,
     devices_path: Path,
@@ -241,6 +260,8 @@ def plan(
     run: Path | None,
     out: Path | None,
     overwrite: bool,
+    hop: str,
+    measured_path: Path | None,
 ) -> None:
     """Place the stages of SOURCE (spec, run directory, export dir or profile JSON) on the devices of devices.yaml.
 
@@ -258,6 +279,12 @@ def plan(
     from toolkit.planner import ModelProfile, evaluate, load_devices, plan_least_lowering, plan_pipeline
 
     cluster = load_devices(devices_path)  # bad devices file: fail before measuring anything
+    if measured_path is not None:  # and a bad report too
+        from toolkit.planner.feedback import load_measured
+
+        report_doc = load_measured(measured_path)
+        if lower_ranks:
+            raise InputError("--measured: expected a plan at the measured ranks, got --lower-ranks as well")
     if max_exact < 1:
         raise InputError(f"--max-exact: expected a positive count, got {max_exact}")
     source_is_run = _is_run(source)
@@ -294,6 +321,33 @@ def plan(
         if model is not None:
             assert run_dir is not None
             _check_same_model(prof, model, run_dir)
+    calibration: Any = None
+    if hop == "none":
+        cluster = cluster.with_hop(None)
+    elif hop == "measure":
+        from toolkit.planner.hop import calibrate_hop, hop_sizes
+
+        calibration = calibrate_hop(hop_sizes(prof.cut_bytes))
+        cluster = cluster.with_hop(calibration.hop())
+    before: Any = None
+    if measured_path is not None:
+        from toolkit.planner.feedback import apply_measured
+
+        speed_of = {d.name: d.speed for d in cluster.devices}
+        before = plan_pipeline(prof, cluster, objective, max_exact=max_exact)
+        profiled = prof
+        prof = apply_measured(prof, report_doc, cluster, str(measured_path))
+        clock_name = "CPU" if prof.source.get("clock") == "cpu" else "wall"
+        click.echo(
+            f"measured ({clock_name} time of each stage's onnxruntime calls per micro-batch, {measured_path}) "
+            "vs profiled, at the device's speed: "
+            + "; ".join(
+                f"[{st.start}, {st.stop}) on {st.device}: "
+                f"{1e3 * sum(u.seconds for u in prof.units[st.start : st.stop]) / speed_of[st.device]:.3f} vs "
+                f"{1e3 * sum(u.seconds for u in profiled.units[st.start : st.stop]) / speed_of[st.device]:.3f} ms"
+                for st in report_doc.stages
+            )
+        )
     if lower_ranks:  # full ranks if they fit, else 1/2 where needed, else 1/4
         result = plan_least_lowering(
             prof, cluster, objective, rank_scales=(1.0, 0.5, 0.25), max_exact=max_exact
@@ -327,7 +381,8 @@ def plan(
         measured = True
 
     table = Table(title=f"{prof.name}: {objective} plan at batch {prof.batch} on {devices_path}")
-    for col in ("stage", "device", "units", "compute ms", "memory MiB", "send ms", "ranks"):
+    cols = ["stage", "device", "units", "compute ms", *(["hop ms"] if cluster.hop else []), "memory MiB"]
+    for col in (*cols, "send ms", "ranks"):
         table.add_column(col, justify="left" if col in ("device", "units", "ranks") else "right")
     for i, (st, planned_st) in enumerate(zip(shown, result.stages)):
         names = [u.nodes[0] if len(u.nodes) == 1 else u.name for u in prof.units[st.start : st.stop]]
@@ -344,6 +399,7 @@ def plan(
             st.device,
             label,
             f"{st.compute_s * 1e3:.3f}",
+            *([f"{st.hop_s * 1e3:.3f}"] if cluster.hop else []),
             f"{st.memory_bytes / 2**20:.2f}",
             f"{st.send_s * 1e3:.3f}",
             ranks,
@@ -370,6 +426,17 @@ def plan(
         )
         + f" ({result.seconds * 1e3:.0f} ms)"
     )
+    console.print(f"cost model: {cluster.cost_model}")
+    if calibration is not None:
+        sizes = ", ".join(
+            f"{s / 1024:.0f} KiB {c * 1e3:.3f} ms" for s, c in zip(calibration.sizes, calibration.actor_cpu_s)
+        )
+        click.echo(
+            f"hop measured (actor CPU per call, in and out each of): {sizes}; for devices.yaml: "
+            f"hop: {{fixed: {calibration.fixed:.4g}, per_byte: {calibration.per_byte:.4g}}}"
+        )
+    if before is not None:
+        _show_changes(console, before, result)
     if lower_ranks and not lowered:
         click.echo("no rank lowered: every stage fits a device at its trained ranks")
     predicted: dict[str, float] = {
@@ -378,6 +445,9 @@ def plan(
         "latency_s": latency,
         "lower_bound_s": result.lower_bound_s,
     }
+    if cluster.hop is not None:
+        predicted["hop_fixed_s"] = cluster.hop.fixed
+        predicted["hop_per_byte_s"] = cluster.hop.per_byte
     for which, suffix in (("lowered", ""), ("full_rank", "_full_rank")):
         for k, v in metrics.get(which, {}).items():
             predicted[f"val_{k}{suffix}"] = v
@@ -460,6 +530,27 @@ def plan(
         )
     save_placement(placement, placement_path)
     click.echo(f"wrote {placement_path}")
+
+
+def _show_changes(console: Any, before: Any, after: Any) -> None:
+    """Print the plan from the profile beside the plan from the measured times, stage by stage."""
+    old = [(s.start, s.stop, s.device) for s in before.stages]
+    new = [(s.start, s.stop, s.device) for s in after.stages]
+    if old == new:
+        console.print(
+            f"re-planned with the measured times: the same {len(new)} stages "
+            f"(bottleneck {before.bottleneck_s * 1e3:.3f} ms from the profile, {after.bottleneck_s * 1e3:.3f} ms measured)"
+        )
+        return
+    changed = [i for i, st in enumerate(new) if i >= len(old) or old[i] != st]
+    console.print(
+        "re-planned with the measured times: stages "
+        + ", ".join(f"{i} [{new[i][0]}, {new[i][1]}) on {new[i][2]}" for i in changed)
+        + " changed; from the profile: "
+        + ", ".join(f"[{a}, {b}) on {d}" for a, b, d in old)
+        + f" (bottleneck {before.bottleneck_s * 1e3:.3f} ms predicted from the profile, "
+        f"{after.bottleneck_s * 1e3:.3f} ms with the measured times)"
+    )
 
 
 def _write_lowered(

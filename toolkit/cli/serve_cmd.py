@@ -54,6 +54,13 @@ def _table(stats: dict[str, Any]) -> Any:
     "--max-in-flight", type=int, default=None, help="Requests in the pipeline at once (default 2 per stage)."
 )
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the measured per-stage times (JSON) here, for `rlhf plan EXPORT --measured`.",
+)
 def serve(
     export_dir: Path,
     placement_path: Path,
@@ -63,6 +70,7 @@ def serve(
     threads: int,
     max_in_flight: int | None,
     address: str | None,
+    report_path: Path | None,
 ) -> None:
     """Run EXPORT_DIR as a pipeline of Ray actors (one per placed stage) on an input file.
 
@@ -104,6 +112,7 @@ def serve(
 
             outputs = pipe.run(inputs, size, on_result=show)
         stats = pipe.stats()
+        report = pipe.report() if report_path is not None else None
     console.print(_table(stats))
     if suffix == ".npz":
         np.savez(out, **outputs)  # type: ignore[arg-type]
@@ -111,5 +120,12 @@ def serve(
         if len(outputs) != 1:
             raise InputError(f"-o {out}: the model has outputs {list(outputs)}: expected a .npz path")
         np.save(out, next(iter(outputs.values())))
+    if report_path is not None:
+        import json
+
+        from toolkit.fsio import atomic_write_bytes
+
+        atomic_write_bytes(report_path, (json.dumps(report, indent=1) + "\n").encode("utf-8"))
+        click.echo(f"wrote {report_path} (per-stage times; `rlhf plan EXPORT --measured {report_path}`)")
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
     click.echo(f"wrote {out}: {shapes} ({len(placement.stages)} stages, micro-batch {size})")

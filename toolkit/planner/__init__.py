@@ -11,13 +11,14 @@ plan.bottleneck_s, plan.throughput, plan.latency_s, plan.lower_bound_s
 ```
 """
 
-from toolkit.planner.devices import Cluster, Device, Link, load_devices, parse_devices
+from toolkit.planner.devices import Cluster, Device, Hop, Link, load_devices, parse_devices
 from toolkit.planner.dp import Plan, Stage, evaluate, lower_bound, plan_least_lowering, plan_pipeline
 from toolkit.planner.profile import ModelProfile, Unit
 
 __all__ = [
     "Cluster",
     "Device",
+    "Hop",
     "Link",
     "ModelProfile",
     "Plan",

@@ -8,9 +8,18 @@ links:
   default: {bandwidth: 125MB, latency: 0.0005} # bytes per second, seconds; every pair not listed
   pairs:
     - {a: pi-a, b: pi-b, bandwidth: 1GB, latency: 0.0001}
+hop: {fixed: 4.0e-4, per_byte: 2.0e-10}       # optional: what one Ray stage adds per micro-batch
 ```
 
 Links are symmetric. Without ``default`` a pair that is not listed cannot exchange tensors.
+
+``hop`` (optional; ``rlhf plan --hop measure`` measures it on this machine, see
+``toolkit.planner.hop``) is the cost of running a stage as a Ray actor: each stage's time per
+micro-batch grows by ``fixed + per_byte * (bytes in + bytes out)`` seconds (dispatching the call,
+reading its input from and writing its output to Ray's object store), not scaled by the device's
+speed. A file with ``hop`` and no ``links`` describes devices of one machine (a local Ray
+cluster): they exchange tensors through the object store, whose cost the hop already holds, so
+links cost nothing. Without ``hop`` the plain model holds: stage compute and link transfers only.
 Loading uses ``yaml.safe_load`` and pydantic models that forbid unknown fields; every problem
 becomes an :class:`~toolkit.errors.InputError` naming the file and the field path.
 """
@@ -77,6 +86,13 @@ class LinkSpec(_Strict):
         return v
 
 
+class HopSpec(_Strict):
+    """Seconds a Ray stage adds per micro-batch: ``fixed + per_byte * (bytes in + bytes out)``."""
+
+    fixed: float = Field(ge=0, allow_inf_nan=False)
+    per_byte: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
 class PairLink(LinkSpec):
     """A link between two named devices (symmetric)."""
 
@@ -92,6 +108,7 @@ class Links(_Strict):
 class DevicesFile(_Strict):
     devices: list[Device] = Field(min_length=1)
     links: Links = Field(default_factory=Links)
+    hop: HopSpec | None = None
 
     @model_validator(mode="after")
     def _names(self) -> DevicesFile:
@@ -120,12 +137,57 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Hop:
+    """What running a stage as a Ray actor adds to its time per micro-batch (seconds).
+
+    ``fixed`` per call, ``per_byte`` per byte of the tensors entering and leaving the stage;
+    ``source`` says where the figures come from (the devices file, or a measurement here).
+    """
+
+    fixed: float
+    per_byte: float
+    source: str = ""
+
+    def seconds(self, in_bytes: float, out_bytes: float) -> float:
+        return self.fixed + self.per_byte * (in_bytes + out_bytes)
+
+
+FREE = Link(math.inf, 0.0)  # devices of one machine: the hop holds the object store's cost
+
+
+@dataclass(frozen=True)
 class Cluster:
-    """Devices and the links between them (``link(a, b)`` is None when the pair cannot talk)."""
+    """Devices and the links between them (``link(a, b)`` is None when the pair cannot talk).
+
+    ``hop`` (None: the plain model) is added to every stage's time (see the module docstring).
+    """
 
     devices: tuple[Device, ...]
     default: Link | None = None
     pairs: dict[frozenset[str], Link] = field(default_factory=dict)
+    hop: Hop | None = None
+
+    def with_hop(self, hop: Hop | None) -> Cluster:
+        """The same devices and links with another hop cost (None: the plain model).
+
+        A cluster without links gets free links with a hop (devices of one machine), and loses
+        them again without one.
+        """
+        one_host = not self.pairs and (self.default is None or self.default is FREE)
+        default = (FREE if hop is not None else None) if one_host else self.default
+        return Cluster(self.devices, default, self.pairs, hop)
+
+    @property
+    def cost_model(self) -> str:
+        """Which cost model the planner uses for this cluster, in words."""
+        if self.hop is None:
+            return "plain: stage compute from the profile, link transfers from the devices file"
+        links = "no links (one machine)" if self.default is FREE else "links from the devices file"
+        return (
+            f"Ray: stage compute from the profile + {self.hop.fixed * 1e3:.3f} ms + "
+            f"{self.hop.per_byte * 1e9:.3f} ms/MB of the tensors in and out per stage "
+            f"({self.hop.source}); {links}"
+        )
 
     def link(self, a: str, b: str) -> Link | None:
         """The link between two different devices, or None when there is none."""
@@ -167,7 +229,8 @@ def parse_devices(doc: Any, source: str = "<memory>") -> Cluster:
     links = parsed.links
     default = Link(links.default.bandwidth, links.default.latency) if links.default else None
     pairs = {frozenset((p.a, p.b)): Link(p.bandwidth, p.latency) for p in links.pairs}
-    return Cluster(tuple(parsed.devices), default, pairs)
+    hop = None if parsed.hop is None else Hop(parsed.hop.fixed, parsed.hop.per_byte, f"{source}: hop")
+    return Cluster(tuple(parsed.devices), default, pairs).with_hop(hop)
 
 
 def load_devices(path: str | os.PathLike[str]) -> Cluster:

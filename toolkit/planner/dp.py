@@ -5,9 +5,12 @@ Cost model (all times in seconds, per micro-batch of ``profile.batch`` samples):
 - stage ``[j, k)`` on device ``d``: compute ``(C[k] - C[j]) / speed_d`` where ``C`` is the prefix sum
   of the units' measured seconds; memory ``W[k] - W[j] + A[j] + A[k]`` (weights plus the tensors
   entering and leaving it, ``A`` = ``profile.cut_bytes``) must not exceed ``memory_d``;
-- between consecutive stages on ``d`` then ``e`` at cut ``j``: ``latency(d, e) + A[j] / bandwidth(d, e)``.
+- between consecutive stages on ``d`` then ``e`` at cut ``j``: ``latency(d, e) + A[j] / bandwidth(d, e)``;
+- with a hop cost (``cluster.hop``: a stage run as a Ray actor, see ``toolkit.planner.devices``) each
+  stage's time grows by ``hop.fixed + hop.per_byte * (A[j] + A[k])``, not scaled by the speed: the
+  stage's busy time is its compute plus its hop.
 
-Objectives: ``throughput`` minimises the bottleneck (the largest stage compute or link transfer;
+Objectives: ``throughput`` minimises the bottleneck (the largest stage busy time or link transfer;
 throughput = batch / bottleneck); ``latency`` minimises the sum of every stage compute and link
 transfer (one request end to end). The objective is optimised exactly; among states with equal
 objective the other figure breaks ties, which is best effort (the lexicographic pair does not
@@ -46,7 +49,11 @@ MAX_EXACT = 8
 
 @dataclass(frozen=True)
 class Stage:
-    """Units ``[start, stop)`` on ``device``; ``send_s`` is the transfer to the next stage (0 for the last)."""
+    """Units ``[start, stop)`` on ``device``; ``send_s`` is the transfer to the next stage (0 for the last).
+
+    ``compute_s`` is the units' profiled time on the device, ``hop_s`` what running the stage as a
+    Ray actor adds (0 in the plain model); ``busy_s`` their sum.
+    """
 
     start: int
     stop: int
@@ -55,6 +62,11 @@ class Stage:
     memory_bytes: int
     send_s: float
     rank_scale: float = 1.0
+    hop_s: float = 0.0
+
+    @property
+    def busy_s(self) -> float:
+        return self.compute_s + self.hop_s
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class Plan:
     """A placement and its predicted figures.
 
     Attributes:
-        bottleneck_s: the largest stage compute or link transfer (seconds per micro-batch).
+        bottleneck_s: the largest stage busy time or link transfer (seconds per micro-batch).
         throughput: samples per second in steady state, ``batch / bottleneck_s``.
         latency_s: one micro-batch end to end (sum of every compute and transfer).
         lower_bound_s: a bottleneck no plan can beat (see :func:`lower_bound`).
@@ -95,16 +107,23 @@ def lower_bound(profile: ModelProfile, devices: Sequence[Device], cluster: Clust
     The largest of: total compute / total speed (each stage's time times its device's speed sums to
     the total); the longest unit on the fastest device (it runs whole somewhere); and, with a
     cluster, the smaller of one stage on the fastest device and the cheapest transfer at any cut
-    over any link (two stages or more send at least once).
+    over any link (two stages or more send at least once). With a hop cost every stage pays at
+    least ``hop(min A, min A)`` on top of its compute, so the stage terms grow by that.
     """
     speeds = [d.speed for d in devices]
     largest = max(u.seconds for u in profile.units)
-    bound = max(profile.total_seconds / sum(speeds), largest / max(speeds))
     n = len(profile.units)
+    hop = cluster.hop if cluster is not None else None
+    least_hop = 0.0 if hop is None else hop.seconds(min(profile.cut_bytes), min(profile.cut_bytes))
+    # each used device i: compute_i * speed_i <= (B - least_hop) * speed_i; summed over the devices
+    bound = max(profile.total_seconds / sum(speeds), largest / max(speeds)) + least_hop
     if cluster is not None and n > 1:
         links = [*cluster.pairs.values(), *([cluster.default] if cluster.default else [])]
         cheapest = min((ln.seconds(min(profile.cut_bytes[1:n])) for ln in links), default=math.inf)
-        bound = max(bound, min(profile.total_seconds / max(speeds), cheapest))
+        one_stage = profile.total_seconds / max(speeds) + (
+            0.0 if hop is None else hop.seconds(profile.cut_bytes[0], profile.cut_bytes[n])
+        )
+        bound = max(bound, min(one_stage, cheapest))
     return bound
 
 
@@ -153,12 +172,13 @@ def evaluate(
     for i, ((s, e), name) in enumerate(zip(partition, devices)):
         prof = profile.at_rank_scale(scales[i]) if scales[i] < 1 else profile
         comp = sum(u.seconds for u in prof.units[s:e]) / by_name[name].speed
+        hop = 0.0 if cluster.hop is None else cluster.hop.seconds(profile.cut_bytes[s], profile.cut_bytes[e])
         send = (
             cluster.link_seconds(name, devices[i + 1], profile.cut_bytes[e]) if i + 1 < len(devices) else 0.0
         )
-        stages.append(Stage(s, e, name, comp, stage_memory(prof, s, e), send, scales[i]))
-    bottleneck = max(max(st.compute_s for st in stages), max(st.send_s for st in stages))
-    latency = sum(st.compute_s + st.send_s for st in stages)
+        stages.append(Stage(s, e, name, comp, stage_memory(prof, s, e), send, scales[i], hop))
+    bottleneck = max(max(st.busy_s for st in stages), max(st.send_s for st in stages))
+    latency = sum(st.busy_s + st.send_s for st in stages)
     return bottleneck, latency, stages
 
 
@@ -203,6 +223,7 @@ def _threshold_search(
     n = len(profile.units)
     order = sorted(cluster.devices, key=lambda d: (-d.speed, -d.memory))
     default = cluster.default
+    hop = cluster.hop
 
     def walk(bound: float) -> tuple[list[tuple[int, int]], list[str]] | None:
         j, prev = 0, None
@@ -215,8 +236,10 @@ def _threshold_search(
                 continue
             best = None
             for k in range(j + 1, n + 1):
-                if (c[k] - c[j]) / d.speed > bound:
+                if (c[k] - c[j]) / d.speed > bound:  # compute grows with k; the hop need not
                     break
+                if hop is not None and (c[k] - c[j]) / d.speed + hop.seconds(a[j], a[k]) > bound:
+                    continue
                 if w[k] - w[j] + a[j] + a[k] > d.memory:
                     continue
                 if k < n and default is not None and default.seconds(float(a[k])) > bound:
@@ -301,6 +324,8 @@ def plan_pipeline(
     inf = math.inf
     jj, kk = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
     valid = kk > jj
+    hop = cluster.hop
+    hop_s = 0.0 if hop is None else hop.fixed + hop.per_byte * (a[jj] + a[kk]).astype(np.float64)
     comp = [np.full((n + 1, n + 1), inf) for _ in devs]
     scale_of = [np.zeros((n + 1, n + 1), np.int64) for _ in devs]  # index into ``scales``
     dropped = [np.zeros((n + 1, n + 1), np.int64) for _ in devs]  # factor bytes the stage's scale drops
@@ -309,7 +334,7 @@ def plan_pipeline(
         mem_need = np.where(valid, ws[kk] - ws[jj] + a[jj] + a[kk], np.iinfo(np.int64).max)
         for di, dev in enumerate(devs):
             take = valid & (mem_need <= dev.memory) & np.isinf(comp[di])
-            comp[di] = np.where(take, (cs[kk] - cs[jj]) / dev.speed, comp[di])
+            comp[di] = np.where(take, (cs[kk] - cs[jj]) / dev.speed + hop_s, comp[di])
             scale_of[di] = np.where(take, si, scale_of[di])
             if least_lowered:
                 dropped[di] = np.where(take, (w[kk] - w[jj]) - (ws[kk] - ws[jj]), dropped[di])
@@ -424,7 +449,10 @@ def plan_pipeline(
     if not exact and primary_is_max and bottleneck > bound:
         all_links = [*cluster.pairs.values(), *([cluster.default] if cluster.default else [])]
         worst_link = max((ln.seconds(float(a.max())) for ln in all_links), default=0.0)
-        high = min(bottleneck, profile.total_seconds / min(d.speed for d in devs_all) + worst_link)
+        worst_hop = 0.0 if hop is None else hop.seconds(float(a.max()), float(a.max()))
+        high = min(
+            bottleneck, profile.total_seconds / min(d.speed for d in devs_all) + worst_link + worst_hop
+        )
         found = _threshold_search(profile, cluster, bound, high)
         if found is not None:
             b2, l2, st2 = evaluate(profile, cluster, found[0], found[1])

@@ -1,0 +1,159 @@
+"""Measure what one Ray stage hop costs on this machine (the planner's ``hop``), not fitted to a pipeline.
+
+A no-op actor (:class:`EchoWorker`, the same call signature as the pipeline's ``StageWorker``)
+is fed the way ``rlhf_runtime.pipeline.Pipeline`` feeds a stage: the driver puts a request's
+tensors in Ray's object store, calls ``run.options(num_returns=2).remote(id, ref)`` with several
+requests in flight, waits for one answer and fetches it with its timing record. The actor returns
+its input, so each call reads ``s`` bytes and writes ``s`` bytes, as a stage between two cuts of
+``s`` bytes does. Per size, the CPU seconds of the actor's process per call (Ray's dispatch,
+deserialising the arguments, serialising the results: everything a stage pays beyond its
+onnxruntime compute) are measured; a least-squares line through them gives
+``fixed + per_byte * (bytes in + bytes out)``.
+
+The wall seconds per call and the CPU seconds the driver spends per call are recorded beside
+(on a machine whose cores the driver and Ray's raylet share with the stages they also count).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import InputError
+from toolkit.planner.devices import Hop
+
+
+class EchoWorker:
+    """A pipeline stage that computes nothing: returns its tensors and a timing record."""
+
+    def run(
+        self, request_id: int, env: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return dict(env), {"id": request_id, "busy_s": 0.0, "cpu_s": 0.0}
+
+    def cpu(self) -> float:
+        """CPU seconds of the actor's whole process (every Ray thread in it)."""
+        return time.process_time()
+
+
+@dataclass(frozen=True)
+class HopCalibration:
+    """The fitted hop and the measurements behind it (per size: bytes, calls, seconds per call)."""
+
+    fixed: float
+    per_byte: float
+    sizes: tuple[int, ...]
+    actor_cpu_s: tuple[float, ...]
+    wall_s: tuple[float, ...]
+    driver_cpu_s: tuple[float, ...]
+    calls: int
+    in_flight: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def hop(self) -> Hop:
+        return Hop(self.fixed, self.per_byte, "measured here: a no-op Ray actor, CPU of its process per call")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fit(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
+    """``fixed, per_byte`` of the least-squares line ``seconds = fixed + per_byte * 2 * size`` (both >= 0)."""
+    x = 2.0 * np.asarray(sizes, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if len(set(x.tolist())) < 2:
+        return float(max(y.mean(), 0.0)), 0.0
+    per_byte, fixed = np.polyfit(x, y, 1)
+    if per_byte < 0:  # no growth with size on this machine: the mean is the fixed cost
+        return float(max(y.mean(), 0.0)), 0.0
+    if fixed < 0:  # through the origin instead
+        return 0.0, float((x @ y) / (x @ x))
+    return float(fixed), float(per_byte)
+
+
+def hop_sizes(cut_bytes: Sequence[int]) -> list[int]:
+    """Sizes to calibrate at: the profile's distinct cut sizes, 1 KiB and twice the largest."""
+    inner = sorted({int(b) for b in cut_bytes if b > 0})
+    if len(inner) > 6:  # at most six of them, spread over the range
+        inner = [inner[int(i)] for i in np.linspace(0, len(inner) - 1, 6).round()]
+    largest = max(inner, default=1024)
+    return sorted({1024, *inner, 2 * largest})
+
+
+def calibrate_hop(
+    sizes: Sequence[int],
+    *,
+    calls: int = 200,
+    in_flight: int = 4,
+    warmup: int = 20,
+) -> HopCalibration:
+    """Time a no-op Ray actor at each size (bytes of float32 sent in and returned), fit the hop.
+
+    Uses the Ray already initialised in this process, else starts a local one (2 CPUs, no
+    dashboard) and shuts it down afterwards.
+
+    Raises:
+        InputError: Ray is not installed, or sizes/calls out of range.
+    """
+    if not sizes or any(s < 4 for s in sizes):
+        raise InputError(f"hop calibration: expected sizes of at least 4 bytes, got {list(sizes)}")
+    if calls < 10 or in_flight < 1:
+        raise InputError(
+            f"hop calibration: expected calls >= 10 and in_flight >= 1, got {calls}, {in_flight}"
+        )
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--hop measure: needs Ray (pip install 'rlhf[cluster]')") from None
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actor: Any = ray.remote(EchoWorker).options(num_cpus=0).remote()
+        ray.get(actor.cpu.remote())
+        actor_cpu, wall, driver_cpu = [], [], []
+        for size in sizes:
+            x = np.ones(max(1, size // 4), dtype=np.float32)
+
+            def stream(count: int, x: np.ndarray = x) -> None:
+                """``count`` calls, ``in_flight`` of them at once, as the pipeline feeds a stage."""
+                pending: dict[Any, Any] = {}
+                sent = 0
+                while sent < count or pending:
+                    while sent < count and len(pending) < in_flight:
+                        out, timing = actor.run.options(num_returns=2).remote(sent, ray.put({"x": x}))
+                        pending[out] = timing
+                        sent += 1
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        ray.get(ref)
+                        ray.get(pending.pop(ref))
+
+            stream(warmup)
+            c0, d0, t0 = ray.get(actor.cpu.remote()), time.process_time(), time.perf_counter()
+            stream(calls)
+            t1, d1, c1 = time.perf_counter(), time.process_time(), ray.get(actor.cpu.remote())
+            actor_cpu.append((c1 - c0) / calls)
+            wall.append((t1 - t0) / calls)
+            driver_cpu.append((d1 - d0) / calls)
+        ray.kill(actor)
+    finally:
+        if owns:
+            ray.shutdown()
+    fixed, per_byte = _fit(sizes, actor_cpu)
+    return HopCalibration(
+        fixed,
+        per_byte,
+        tuple(int(s) for s in sizes),
+        tuple(actor_cpu),
+        tuple(wall),
+        tuple(driver_cpu),
+        calls,
+        in_flight,
+        {"load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")},
+    )
