@@ -141,6 +141,32 @@ def test_plan_least_lowering_prefers_higher_ranks() -> None:
         plan_least_lowering(profile, cluster(10_000))
 
 
+def test_latency_target_lowers_only_as_far_as_it_must() -> None:
+    """Four units of 1 s whose factors are 100/101 of their bytes: at rank x0.5 a unit takes
+    1 - (100/101) x 0.5 s, at x0.25 1 - (100/101) x 0.75 s; one device (latency = the sum)."""
+    units = tuple(Unit(f"u{i}", 1.0, 101_000, (f"u{i}",), rank=16, rank_bytes=100_000) for i in range(4))
+    profile = ModelProfile("big", 1, units, (0,) * 5)
+    one = parse_devices({"devices": [{"name": "a", "memory": 10**9}]})
+    scales = (1.0, 0.5, 0.25)
+
+    def at(scale: float) -> float:  # four units at that rank scale, seconds
+        return 4 * (1 - (100 / 101) * (1 - scale))
+
+    def plan(target: float | None) -> Any:
+        return plan_least_lowering(profile, one, rank_scales=scales, max_latency_s=target)
+
+    assert [s.rank_scale for s in plan(None).stages] == [1.0]  # fits: no target, no lowering
+    assert [s.rank_scale for s in plan(5.0).stages] == [1.0] and plan(5.0).latency_s == pytest.approx(4.0)
+    assert [s.rank_scale for s in plan(3.0).stages] == [0.5] and plan(3.0).latency_s == pytest.approx(at(0.5))
+    assert [s.rank_scale for s in plan(1.5).stages] == [0.25] and plan(1.5).latency_s == pytest.approx(
+        at(0.25)
+    )
+    with pytest.raises(InputError, match=r"no plan meets 500 ms .* takes 1029\.703 ms"):
+        plan(0.5)
+    with pytest.raises(InputError, match="positive"):
+        plan(0.0)
+
+
 # --- a small trained digits model ------------------------------------------------------------
 
 SPEC: dict[str, Any] = {
@@ -348,3 +374,31 @@ def test_profile_json_with_run(trained: dict[str, Path], tmp_path: Path) -> None
     pred = load_placement(tmp_path / "p.yaml").predicted
     assert pred is not None and pred["val_accuracy"] <= 1.0 and "val_accuracy_full_rank" in pred
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "profile.json"]  # no planned spec
+
+
+def test_latency_target_on_the_command_line(trained: dict[str, Path]) -> None:
+    root = trained["root"]
+    big = root / "big.yaml"
+    big.write_text("devices: [{name: a, memory: 1GB}]\n")
+    args = [
+        "plan",
+        trained["run"],
+        "--devices",
+        big,
+        "--batch",
+        8,
+        "--seconds",
+        0.05,
+        "--placement",
+        root / "p3.yaml",
+    ]
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--max-latency-ms", 5]])
+    assert res.exit_code == 2 and "expected --lower-ranks" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--lower-ranks", "--max-latency-ms", 1e6]])
+    assert res.exit_code == 0, res.output
+    assert "latency target 1e+06 ms: met" in res.output and "no rank lowered" in res.output
+    assert (load_placement(root / "p3.yaml").predicted or {})["max_latency_s"] == 1e3
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--lower-ranks", "--max-latency-ms", 1e-6]])
+    assert res.exit_code == 2 and "no plan meets" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -210,6 +210,14 @@ def profile(source: Path, batch: int, threads: int, seconds: float, clock: str, 
     "the placement file.",
 )
 @click.option(
+    "--max-latency-ms",
+    type=float,
+    default=None,
+    help="With --lower-ranks: one micro-batch end to end must take at most this long; ranks are lowered "
+    "(1/2, else 1/4) when that is what meets it (the least-lowered plan if it does, else the fastest at "
+    "those ranks), and the accuracy cost is measured as for memory.",
+)
+@click.option(
     "--run",
     "run",
     type=click.Path(exists=True, path_type=Path),
@@ -257,6 +265,7 @@ def plan(
     spec_out: Path | None,
     max_exact: int,
     lower_ranks: bool,
+    max_latency_ms: float | None,
     run: Path | None,
     out: Path | None,
     overwrite: bool,
@@ -285,6 +294,10 @@ def plan(
         report_doc = load_measured(measured_path)
         if lower_ranks:
             raise InputError("--measured: expected a plan at the measured ranks, got --lower-ranks as well")
+    if max_latency_ms is not None and not lower_ranks:
+        raise InputError(
+            "--max-latency-ms: expected --lower-ranks with it (the target decides how far to lower)"
+        )
     if max_exact < 1:
         raise InputError(f"--max-exact: expected a positive count, got {max_exact}")
     source_is_run = _is_run(source)
@@ -350,7 +363,12 @@ def plan(
         )
     if lower_ranks:  # full ranks if they fit, else 1/2 where needed, else 1/4
         result = plan_least_lowering(
-            prof, cluster, objective, rank_scales=(1.0, 0.5, 0.25), max_exact=max_exact
+            prof,
+            cluster,
+            objective,
+            rank_scales=(1.0, 0.5, 0.25),
+            max_exact=max_exact,
+            max_latency_s=None if max_latency_ms is None else max_latency_ms / 1e3,
         )
     else:
         result = plan_pipeline(prof, cluster, objective, max_exact=max_exact)
@@ -437,14 +455,25 @@ def plan(
         )
     if before is not None:
         _show_changes(console, before, result)
+    if max_latency_ms is not None:
+        click.echo(
+            f"latency target {max_latency_ms:g} ms: {'met' if latency * 1e3 <= max_latency_ms else 'NOT met'} "
+            f"({latency * 1e3:.3f} ms{', lowered nodes timed with onnxruntime' if measured else ''}; "
+            f"{result.latency_s * 1e3:.3f} ms estimated when planned)"
+        )
     if lower_ranks and not lowered:
-        click.echo("no rank lowered: every stage fits a device at its trained ranks")
+        click.echo(
+            "no rank lowered: every stage fits a device at its trained ranks"
+            + ("" if max_latency_ms is None else " and the plan meets the latency target")
+        )
     predicted: dict[str, float] = {
         "bottleneck_s": bottleneck,
         "throughput": prof.batch / bottleneck,
         "latency_s": latency,
         "lower_bound_s": result.lower_bound_s,
     }
+    if max_latency_ms is not None:
+        predicted["max_latency_s"] = max_latency_ms / 1e3
     if cluster.hop is not None:
         predicted["hop_fixed_s"] = cluster.hop.fixed
         predicted["hop_per_byte_s"] = cluster.hop.per_byte

@@ -276,6 +276,7 @@ def plan_pipeline(
     max_stages: int | None = None,
     rank_scales: Sequence[float] = (1.0,),
     least_lowered: bool = False,
+    lower_for_speed: bool = False,
 ) -> Plan:
     """Best partition of the profile's units into stages and the device of each stage.
 
@@ -291,6 +292,8 @@ def plan_pipeline(
         least_lowered: with rank scales, first minimise the factor bytes the lowering drops (summed
             over the stages), then the objective: ranks are lowered only as far as a fitting plan
             needs, never for speed alone (False: the objective alone, lowering whatever runs faster).
+        lower_for_speed: each stage runs at the allowed scale that makes it fastest on its device
+            (among those that fit), not the largest that fits (ignored with ``least_lowered``).
 
     Returns:
         The :class:`Plan`.
@@ -333,8 +336,10 @@ def plan_pipeline(
         cs, ws, _ = _prefix(prof_s)
         mem_need = np.where(valid, ws[kk] - ws[jj] + a[jj] + a[kk], np.iinfo(np.int64).max)
         for di, dev in enumerate(devs):
-            take = valid & (mem_need <= dev.memory) & np.isinf(comp[di])
-            comp[di] = np.where(take, (cs[kk] - cs[jj]) / dev.speed + hop_s, comp[di])
+            busy = (cs[kk] - cs[jj]) / dev.speed + hop_s
+            later = (busy < comp[di]) if lower_for_speed and not least_lowered else np.isinf(comp[di])
+            take = valid & (mem_need <= dev.memory) & later
+            comp[di] = np.where(take, busy, comp[di])
             scale_of[di] = np.where(take, si, scale_of[di])
             if least_lowered:
                 dropped[di] = np.where(take, (w[kk] - w[jj]) - (ws[kk] - ws[jj]), dropped[di])
@@ -487,6 +492,7 @@ def plan_least_lowering(
     rank_scales: Sequence[float] = (1.0, 0.5, 0.25),
     max_exact: int = MAX_EXACT,
     max_stages: int | None = None,
+    max_latency_s: float | None = None,
 ) -> Plan:
     """The best plan that lowers ranks as little as it must.
 
@@ -496,13 +502,24 @@ def plan_least_lowering(
     plan drops the fewest factor bytes of any fitting plan, and among those it is the best for
     the objective (a stage that fits at full rank is never lowered to make it faster).
 
+    With ``max_latency_s`` a plan must also take at most that long for one micro-batch end to end
+    (its predicted ``latency_s``, the stage times of lowered units estimated as
+    :meth:`Unit.at_rank_scale` does). Per set of allowed scales: the least-lowered plan if it meets
+    the target, else the fastest plan for one request with those scales (objective "latency",
+    lowering whatever runs faster); the first set that meets the target wins, so ranks go no
+    lower than the largest scale at which some plan meets it.
+
     Raises:
-        InputError: as :func:`plan_pipeline` with every scale allowed.
+        InputError: as :func:`plan_pipeline` with every scale allowed; no plan meets
+            ``max_latency_s`` even with every scale allowed (the message gives the fastest).
     """
+    if max_latency_s is not None and not max_latency_s > 0:
+        raise InputError(f"--max-latency-ms: expected a positive time, got {max_latency_s * 1e3:g} ms")
     scales = sorted({float(x) for x in rank_scales} | {1.0}, reverse=True)
+    fastest: Plan | None = None
     for i in range(1, len(scales) + 1):
         try:
-            return plan_pipeline(
+            plan = plan_pipeline(
                 profile,
                 cluster,
                 objective,
@@ -514,4 +531,23 @@ def plan_least_lowering(
         except InputError:
             if i == len(scales):  # no plan even with every scale allowed: its error is the answer
                 raise
-    raise AssertionError("unreachable: the last iteration returns or raises")
+            continue
+        if max_latency_s is None or plan.latency_s <= max_latency_s:
+            return plan
+        fast = plan_pipeline(
+            profile,
+            cluster,
+            "latency",
+            max_exact=max_exact,
+            max_stages=max_stages,
+            rank_scales=scales[:i],
+            lower_for_speed=True,
+        )
+        if fast.latency_s <= max_latency_s:
+            return fast
+        fastest = fast
+    assert fastest is not None and max_latency_s is not None  # every scale fitted, none was fast enough
+    raise InputError(
+        f"--max-latency-ms: no plan meets {max_latency_s * 1e3:g} ms for one micro-batch: the fastest, with "
+        f"ranks down to x{scales[-1]:g}, takes {fastest.latency_s * 1e3:.3f} ms (estimated)"
+    )
