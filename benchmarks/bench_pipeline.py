@@ -315,7 +315,7 @@ def main() -> int:
         from toolkit.planner import parse_devices
         from toolkit.planner.hop import calibrate_hop, hop_sizes
 
-        # the hop: a no-op actor fed like a stage, at each cut's size (not fitted to the pipeline)
+        # the hop: two no-op actors chained like stages, at each cut's size (not fitted to the pipeline)
         l0 = load()
         cal = calibrate_hop(
             hop_sizes([b for p_ in profs.values() for b in p_.cut_bytes]), calls=60 if quick else 300
@@ -566,9 +566,9 @@ def report(r: dict[str, Any]) -> str:
         "",
         "### The hop: what a Ray stage adds",
         "",
-        f"Measured before the runs with `toolkit.planner.hop.calibrate_hop` (a no-op actor fed like a stage, {hop['calls']} calls per "
+        f"Measured before the runs with `toolkit.planner.hop.calibrate_hop` (two no-op actors chained and fed like the pipeline's stages, {hop['calls']} calls per "
         f"size, {hop['in_flight']} in flight; load average {hop['load_avg'][0]:.2f}, {hop['load_avg'][1]:.2f}), not fitted to the pipeline: "
-        "CPU of the actor's process per call, tensors of each size in and out: "
+        "CPU of an actor's process per call (mean of the two), tensors of each size in and out: "
         + ", ".join(
             f"{sz / 1024:.0f} KiB {1e3 * c:.3f} ms" for sz, c in zip(hop["sizes"], hop["actor_cpu_s"])
         )

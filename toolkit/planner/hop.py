@@ -1,14 +1,15 @@
 """Measure what one Ray stage hop costs on this machine (the planner's ``hop``), not fitted to a pipeline.
 
-A no-op actor (:class:`EchoWorker`, the same call signature as the pipeline's ``StageWorker``)
-is fed the way ``rlhf_runtime.pipeline.Pipeline`` feeds a stage: the driver puts a request's
-tensors in Ray's object store, calls ``run.options(num_returns=2).remote(id, ref)`` with several
-requests in flight, waits for one answer and fetches it with its timing record. The actor returns
-its input, so each call reads ``s`` bytes and writes ``s`` bytes, as a stage between two cuts of
-``s`` bytes does. Per size, the CPU seconds of the actor's process per call (Ray's dispatch,
+A chain of no-op actors (:class:`EchoWorker`, the same calls as the pipeline's ``StageWorker``,
+two by default: one takes its input from the driver, the next from an actor, as a pipeline's
+stages do) is fed the way ``rlhf_runtime.pipeline.Pipeline`` feeds its stages: the driver puts a
+request's tensors in Ray's object store, chains ``run_carried.remote(id, ref)`` through the actors
+with several requests in flight, waits for one answer and fetches it. Each actor returns its
+input, so each call reads ``s`` bytes and writes ``s`` bytes, as a stage between two cuts of
+``s`` bytes does. Per size, the CPU seconds of each actor's process per call (Ray's dispatch,
 deserialising the arguments, serialising the results: everything a stage pays beyond its
-onnxruntime compute) are measured; a least-squares line through them gives
-``fixed + per_byte * (bytes in + bytes out)``.
+onnxruntime compute), averaged over the chain, are measured; a least-squares line through them
+gives ``fixed + per_byte * (bytes in + bytes out)``.
 
 The wall seconds per call and the CPU seconds the driver spends per call are recorded beside
 (on a machine whose cores the driver and Ray's raylet share with the stages they also count).
@@ -36,6 +37,13 @@ class EchoWorker:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return dict(env), {"id": request_id, "busy_s": 0.0, "cpu_s": 0.0}
 
+    def run_carried(
+        self, request_id: int, payload: tuple[dict[str, np.ndarray], list[dict[str, Any]]]
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        env, records = payload
+        out, record = self.run(request_id, env)
+        return out, [*records, record]
+
     def cpu(self) -> float:
         """CPU seconds of the actor's whole process (every Ray thread in it)."""
         return time.process_time()
@@ -56,7 +64,9 @@ class HopCalibration:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def hop(self) -> Hop:
-        return Hop(self.fixed, self.per_byte, "measured here: a no-op Ray actor, CPU of its process per call")
+        return Hop(
+            self.fixed, self.per_byte, "measured here: no-op Ray actors, CPU of their process per call"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +101,7 @@ def calibrate_hop(
     calls: int = 200,
     in_flight: int = 4,
     warmup: int = 20,
+    chain: int = 2,
 ) -> HopCalibration:
     """Time a no-op Ray actor at each size (bytes of float32 sent in and returned), fit the hop.
 
@@ -102,9 +113,9 @@ def calibrate_hop(
     """
     if not sizes or any(s < 4 for s in sizes):
         raise InputError(f"hop calibration: expected sizes of at least 4 bytes, got {list(sizes)}")
-    if calls < 10 or in_flight < 1:
+    if calls < 10 or in_flight < 1 or chain < 1:
         raise InputError(
-            f"hop calibration: expected calls >= 10 and in_flight >= 1, got {calls}, {in_flight}"
+            f"hop calibration: expected calls >= 10, in_flight >= 1, chain >= 1, got {calls}, {in_flight}, {chain}"
         )
     try:
         import ray
@@ -114,9 +125,13 @@ def calibrate_hop(
     if owns:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        actor: Any = ray.remote(EchoWorker).options(num_cpus=0).remote()
-        ray.get(actor.cpu.remote())
-        actor_cpu, wall, driver_cpu = [], [], []
+        actors: list[Any] = [ray.remote(EchoWorker).options(num_cpus=0).remote() for _ in range(chain)]
+
+        def cpus() -> list[float]:
+            return [float(c) for c in ray.get([a.cpu.remote() for a in actors])]
+
+        cpus()
+        actor_cpu, wall, driver_cpu, per_actor = [], [], [], []
         for size in sizes:
             x = np.ones(max(1, size // 4), dtype=np.float32)
 
@@ -126,22 +141,27 @@ def calibrate_hop(
                 sent = 0
                 while sent < count or pending:
                     while sent < count and len(pending) < in_flight:
-                        out, timing = actor.run.options(num_returns=2).remote(sent, ray.put({"x": x}))
-                        pending[out] = timing
+                        ref: Any = ray.put(({"x": x}, []))
+                        for a in actors:
+                            ref = a.run_carried.remote(sent, ref)
+                        pending[ref] = sent
                         sent += 1
                     ready, _ = ray.wait(list(pending), num_returns=1)
                     for ref in ready:
                         ray.get(ref)
-                        ray.get(pending.pop(ref))
+                        pending.pop(ref)
 
             stream(warmup)
-            c0, d0, t0 = ray.get(actor.cpu.remote()), time.process_time(), time.perf_counter()
+            c0, d0, t0 = cpus(), time.process_time(), time.perf_counter()
             stream(calls)
-            t1, d1, c1 = time.perf_counter(), time.process_time(), ray.get(actor.cpu.remote())
-            actor_cpu.append((c1 - c0) / calls)
+            t1, d1, c1 = time.perf_counter(), time.process_time(), cpus()
+            mine = [(b - a) / calls for a, b in zip(c0, c1)]
+            per_actor.append(mine)
+            actor_cpu.append(sum(mine) / chain)
             wall.append((t1 - t0) / calls)
             driver_cpu.append((d1 - d0) / calls)
-        ray.kill(actor)
+        for a in actors:
+            ray.kill(a)
     finally:
         if owns:
             ray.shutdown()
@@ -155,5 +175,9 @@ def calibrate_hop(
         tuple(driver_cpu),
         calls,
         in_flight,
-        {"load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")},
+        {
+            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+            "chain": chain,
+            "actor_cpu_s_per_actor": per_actor,
+        },
     )
