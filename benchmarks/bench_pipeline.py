@@ -3,11 +3,17 @@
 Measured side by side in one run and written to docs/benchmarks/pipeline.md (+ pipeline.json):
 
 1. A wide dense MLP (24 layers 1024x1024 + tanh, about 25M parameters) exported in 8 stages of
-   3 layers (the planner's units), micro-batches of 16 rows. One actor running the fused file
-   with one onnxruntime thread vs the planner's 2-stage pipeline on 2 actors with one thread
-   each (a local Ray cluster; devices a and b are custom resources of this one machine).
-2. The planner's predicted bottleneck (from `profile_export` on this machine) vs the measured
-   seconds per micro-batch of the pipeline in steady state.
+   3 layers (the planner's units), micro-batches of 64 and of 256 rows (the same for both sides).
+   One actor running the fused file with one onnxruntime thread vs the planner's 2-stage pipeline
+   on 2 actors with one thread each (a local Ray cluster; devices a and b are custom resources of
+   this one machine), alternated twice; at 64 rows also the pipeline with each stage's timing
+   record as an object of its own (the form before the records travelled with the tensors). Per
+   run: the cores the actors obtained, and the CPU per micro-batch of every process by role (the
+   actors, the driver, raylet, GCS, other Ray workers; /proc).
+2. The hop (``toolkit.planner.hop.calibrate_hop``: two no-op actors chained, at each cut's size),
+   then the planner's predicted bottleneck, plain (profile only) and Ray (profile + hop), vs the
+   bottleneck stage's CPU in its onnxruntime calls, its process's CPU and the wall seconds per
+   micro-batch in steady state.
 3. Heterogeneous devices: device b is made three times slower by running each request's stages
    three times (StageWorker ``repeat``; the outputs are unchanged). The planner, told b has
    speed 1/3, vs the equal-parameter split (4 stages each, the policy of Olive and torch

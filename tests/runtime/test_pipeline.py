@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from rlhf_runtime import Executor
 
 from toolkit.cli import main
 from toolkit.errors import InputError
-from toolkit.runtime import Executor
 from toolkit.runtime.placement import PlacedStage, Placement, load_placement, save_placement
 
 ray = pytest.importorskip("ray")
