@@ -68,6 +68,7 @@ SWEEP: dict[str, dict[str, Any]] = {
     "fixed CG cap 50": {"adaptive_cg": False, "cg_max_iters": 50},
     "base curvature fraction 0.3": {"curvature_fraction": 0.3},
     "fixed curvature fraction 0.1": {"adaptive_curvature": False, "curvature_fraction": 0.1},
+    "kfac_samples=1 (the former default)": {"kfac_samples": 1},
 }
 QUICK_SWEEP = ("defaults", "preconditioner=none")
 
@@ -75,7 +76,7 @@ QUICK_SWEEP = ("defaults", "preconditioner=none")
 def hf_defaults() -> dict[str, Any]:
     """HessianFree's keyword defaults, read from its signature (what `HessianFree(model, loss)` uses)."""
     sig = inspect.signature(HessianFree.__init__)
-    keys = ("preconditioner", "kfac_every", "kfac_damping", "adaptive_cg", "cg_initial_iters", "cg_max_iters",
+    keys = ("preconditioner", "kfac_every", "kfac_damping", "kfac_samples", "adaptive_cg", "cg_initial_iters", "cg_max_iters",
             "curvature_fraction", "adaptive_curvature", "damping", "preconditioner_alpha")  # fmt: skip
     return {k: sig.parameters[k].default for k in keys}
 
@@ -382,32 +383,38 @@ def cg_comparison(prob: Problem, model: nn.Module, opt: HessianFree, max_iters: 
             d = squared_gradient_diagonal(lambda t, xx: flat.function(xx)(t), prob.loss, theta, (cx,), cy)
         return preconditioner(d, lam, 0.75)
 
-    def kfac(mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        k = KFAC(model, params, flat.offsets)
+    def kfac(
+        mode: str, samples: int | str = opt.defaults["kfac_samples"]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        k = KFAC(model, params, flat.offsets, samples=samples)
         with torch.enable_grad():
             k.update((cx,), lambda z: prob.loss(z, cy))
         return k.inverse(lam, mode=mode)
 
     builds["diagonal"] = diag
     builds["kfac"] = lambda: kfac("eigen")
+    builds["kfac, 1 sample"] = lambda: kfac("eigen", 1)
     builds["kfac (π-damping)"] = lambda: kfac("pi")
-    out: dict[str, Any] = {"damping": lam, "curvature_batch": m}
+    out: dict[str, Any] = {"damping": lam, "curvature_batch": m, "kfac_samples": opt.defaults["kfac_samples"],
+                           "max_iters": max_iters}  # fmt: skip
     runs = {}
     for name, build in builds.items():
         t0 = time.perf_counter()
         pre = build()
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = conjugate_gradient(
-            damped, -g, preconditioner=pre, max_iters=max_iters, tol=0, residual_tol=1e-2
-        )
+        res = conjugate_gradient(damped, -g, preconditioner=pre, max_iters=max_iters, tol=0, residual_tol=0)
         t_cg = time.perf_counter() - t0
         runs[name] = (res, t_build, t_cg)
-    q_best = min(r.iterates[-1][2] for r, _, _ in runs.values())
+    # q*: the lowest quadratic-model value any of them reached within the cap (all run to the cap)
+    q_best = min(min(r.q_history) for r, _, _ in runs.values())
+    b_norm = float(g.norm())
     for name, (res, t_build, t_cg) in runs.items():
-        q99 = next((i for i, _, q in res.iterates if q <= 0.99 * q_best), None)
-        out[name] = {"iters_to_residual": res.iters if res.reason == "converged" else None,
-                     "reason": res.reason, "iters_to_q99": q99, "build_s": t_build, "cg_s": t_cg,
+        q99 = next((i for i, q in enumerate(res.q_history) if q <= 0.99 * q_best), None)
+        q90 = next((i for i, q in enumerate(res.q_history) if q <= 0.9 * q_best), None)
+        resid = next((i for i, r in enumerate(res.residual_history) if r <= 1e-2 * b_norm), None)
+        out[name] = {"iters_to_residual": resid, "reason": res.reason, "iters_to_q90": q90, "iters_to_q99": q99,
+                     "final_q_over_best": min(res.q_history) / q_best, "build_s": t_build, "cg_s": t_cg,
                      "s_per_iter": t_cg / max(res.iters, 1)}  # fmt: skip
     return out
 
@@ -530,10 +537,27 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds per method (default 25, quick 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="output directory")
+    parser.add_argument(
+        "--problems",
+        default=None,
+        help="comma-separated problem names to run (default all: fact-AE,dense-AE,curves-AE,digits-MLP)",
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="comma-separated sweep rows to run (default all; 'defaults' and 'preconditioner=none' always run)",
+    )
     args = parser.parse_args()
     budget = args.budget if args.budget is not None else (1.0 if args.quick else 25.0)
     reps = 2 if args.quick else 10
     sweep = {k: SWEEP[k] for k in QUICK_SWEEP} if args.quick else SWEEP
+    if args.sweep is not None:
+        always = ["defaults", "preconditioner=none"]  # sections 3 and 4 read these two
+        wanted = [*always, *(k.strip() for k in args.sweep.split(",") if k.strip() not in always)]
+        unknown = [k for k in wanted if k not in SWEEP]
+        if unknown:
+            parser.error(f"--sweep: unknown rows {unknown}; expected some of {list(SWEEP)}")
+        sweep = {k: SWEEP[k] for k in wanted}
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -545,6 +569,12 @@ def main() -> int:
     print(f"thread check (Adam steps/s): {threads_check}", flush=True)
 
     probs = problems(args.quick)
+    if args.problems is not None:
+        names = [n.strip() for n in args.problems.split(",")]
+        unknown = [n for n in names if n not in {p.short for p in probs}]
+        if unknown:
+            parser.error(f"--problems: unknown {unknown}; expected some of {[p.short for p in probs]}")
+        probs = [p for p in probs if p.short in names]
     results: dict[str, list[Trace]] = {}
     cg_rows: dict[str, dict[str, Any]] = {}
     for prob in probs:
@@ -555,7 +585,7 @@ def main() -> int:
             traces.append(tr)
             print(f"  {tr.name:34s} train {tr.train[-1]:.4g} val {tr.val[-1]:.4g}  {tr.note}", flush=True)
             if name == "defaults":
-                cg_rows[prob.short] = cg_comparison(prob, model, opt, 60 if args.quick else 300)
+                cg_rows[prob.short] = cg_comparison(prob, model, opt, 60 if args.quick else 250)
         for lr in ADAM_LRS:
             traces.append(run_adam(prob, lr, budget))
         traces.append(run_lbfgs(prob, budget))
@@ -686,31 +716,43 @@ def write_report(args, budget, started, load_start, load_end, wall, defaults, sw
                       f"lowest over its 3 learning rates and its whole run): "
                       f"{fmt_time(time_to(hf, adam_best_train))}.", ""]  # fmt: skip
 
-    # settings sweep
-    lines += ["## 2. Settings sweep (validation loss at the end of the budget; chooses the defaults)", "",
-              "Each row changes one thing of the code defaults. Ratio = validation loss / the problem's best "
-              "validation loss over the sweep.", "",
-              "| setting | " + " | ".join(p.short for p in probs) + " | worst ratio |",
-              "|---|" + "---|" * (len(probs) + 1)]  # fmt: skip
+    # settings sweep: scored two ways, the final validation loss and the best one over the run
+    lines += ["## 2. Settings sweep (validation loss; chooses the defaults)", "",
+              "Each row changes one thing of the code defaults. Two scores per problem: the validation loss at the "
+              "end of the budget, and the best validation loss over the run (what a user who stops early on "
+              "validation gets). Ratio = the score / the problem's best score over the sweep. **The defaults are "
+              "chosen on the best validation loss over the run**: on the classifier the train loss reaches ~1e-8 "
+              "within the budget and the final validation loss after that only measures how far overfitting has "
+              "drifted (noise of the stopping time); for the autoencoders, which are still improving at the end, "
+              "the two scores nearly agree.", ""]  # fmt: skip
     sweep_table: dict[str, dict[str, float]] = {}
-    best_val = {}
+    sweep_best: dict[str, dict[str, float]] = {}
     for p in probs:
-        vals = {t.name[3:]: t.val[-1] for t in results[p.short][: len(sweep)]}
-        best_val[p.short] = min(v for v in vals.values() if math.isfinite(v))
-        for name, v in vals.items():
-            sweep_table.setdefault(name, {})[p.short] = v
-    worst = {}
-    for name, row in sweep_table.items():
-        ratios = [
-            row[p.short] / best_val[p.short] if math.isfinite(row[p.short]) else math.inf for p in probs
-        ]
-        worst[name] = max(ratios)
-        cells = " | ".join(f"{fmt(row[p.short])} ({r:.2f}x)" for p, r in zip(probs, ratios))
-        lines.append(f"| {name} | {cells} | {worst[name]:.2f}x |")
+        for t in results[p.short][: len(sweep)]:
+            sweep_table.setdefault(t.name[3:], {})[p.short] = t.val[-1]
+            finite = [v for v in t.val if math.isfinite(v)]
+            sweep_best.setdefault(t.name[3:], {})[p.short] = min(finite) if finite else math.nan
+    worst_by: dict[str, dict[str, float]] = {}
+    for label, table in (("best validation loss over the run (chooses)", sweep_best),
+                         ("validation loss at the end of the budget", sweep_table)):  # fmt: skip
+        best_val = {p.short: min(row[p.short] for row in table.values() if math.isfinite(row[p.short]))
+                    for p in probs}  # fmt: skip
+        lines += [f"### By {label}", "", "| setting | " + " | ".join(p.short for p in probs) + " | worst ratio |",
+                  "|---|" + "---|" * (len(probs) + 1)]  # fmt: skip
+        worst: dict[str, float] = {}
+        for name, row in table.items():
+            ratios = [row[p.short] / best_val[p.short] if math.isfinite(row[p.short]) else math.inf
+                      for p in probs]  # fmt: skip
+            worst[name] = max(ratios)
+            cells = " | ".join(f"{fmt(row[p.short])} ({r:.2f}x)" for p, r in zip(probs, ratios))
+            lines.append(f"| {name} | {cells} | {worst[name]:.2f}x |")
+        minimax = min(worst, key=lambda k: worst[k])
+        lines += ["", f"Setting with the smallest worst-case ratio: **{minimax}** ({worst[minimax]:.2f}x). "
+                  f"Defaults within 10% of the per-problem best on every problem: worst ratio "
+                  f"{worst['defaults']:.2f}x — {verdict(worst['defaults'] <= 1.10)}.", ""]  # fmt: skip
+        worst_by[label] = worst
+    worst = next(iter(worst_by.values()))
     minimax = min(worst, key=lambda k: worst[k])
-    lines += ["", f"Setting with the smallest worst-case ratio: **{minimax}** ({worst[minimax]:.2f}x). "
-              f"Defaults within 10% of the per-problem best on every problem: worst ratio "
-              f"{worst['defaults']:.2f}x — {verdict(worst['defaults'] <= 1.10)}.", ""]  # fmt: skip
 
     # targets
     lines += ["## 3. Targets", ""]
@@ -740,25 +782,32 @@ def write_report(args, budget, started, load_start, load_end, wall, defaults, sw
                  + f"; lower on {len(lower)} of {len(eq_time)} (target ≥ 2) — {verdict(len(lower) >= 2)}.")  # fmt: skip
 
     # CG section
+    names4 = ("none", "diagonal", "kfac", "kfac, 1 sample", "kfac (π-damping)")
     lines += ["", "## 4. CG iterations per outer step, with and without the preconditioner", "",
               "At the end point of each default HF run: the Gauss-Newton system on the default curvature batch, "
               "right-hand side -∇L on the full train set, λ = the run's final λ (at least 1e-4). CG from 0 with "
-              "the progress rule off; iterations to the same relative residual ‖r‖/‖b‖ ≤ 1e-2 (— = not within "
-              "the cap), and to 99% of the best quadratic-model reduction q* reached by any of the three "
-              "(read on CG's 1.3-geometric grid of kept iterates, so ±30%). Time per iteration includes "
-              "applying M⁻¹; the build (per-example gradients / K-FAC factors + eigh) is once per refresh.", "",
-              "| problem | λ | none: iters to residual / to 99% q* | diagonal | kfac | kfac (π-damping) | ms / iter (none, diag, kfac) | build s (diag, kfac) | fewer iterations, kfac vs none (q*) |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "the progress rule off, every preconditioner run to the same cap; iterations to the relative "
+              "residual ‖r‖/‖b‖ ≤ 1e-2 and to 99% of q*, the lowest quadratic-model value any of them reached "
+              "(— = not within the cap). q is what HF's backtracking and ρ use; the residual also counts "
+              "directions outside the curvature batch's Gauss-Newton range, where the system is λ I and the "
+              "gradient has almost no weight. kfac: the default, eigen damping and "
+              f"{cg_rows[probs[0].short]['kfac_samples']} Monte-Carlo draws per example; kfac, 1 sample: the "
+              "former default (one draw: G has rank ≤ the curvature batch, 120, below the 400- and 784-wide "
+              "layers). Time per iteration includes applying M⁻¹; the build (per-example gradients / K-FAC factors "
+              "+ eigh) is once per refresh (every `kfac_every` outer steps).", "",
+              "| problem | λ | cap | " + " | ".join(f"{n}: iters to residual / to 99% q*" if n == "none" else n for n in names4)
+              + " | ms / iter (none, diag, kfac) | build s (diag, kfac) | fewer iterations to 99% q*, kfac vs none |",
+              "|---|---|---|" + "---|" * len(names4) + "---|---|---|"]  # fmt: skip
     cg_ratios = []
     for p in probs:
         c = cg_rows[p.short]
         cells = [f"{fmt(c[n]['iters_to_residual'], 'd') if c[n]['iters_to_residual'] is not None else '—'} / "
                  f"{fmt(c[n]['iters_to_q99'], 'd') if c[n]['iters_to_q99'] is not None else '—'}"
-                 for n in ("none", "diagonal", "kfac", "kfac (π-damping)")]  # fmt: skip
+                 for n in names4]  # fmt: skip
         a, b = c["none"]["iters_to_q99"], c["kfac"]["iters_to_q99"]
         ratio = a / b if a and b else math.nan
         cg_ratios.append(ratio)
-        lines.append(f"| {p.short} | {c['damping']:.2g} | " + " | ".join(cells)
+        lines.append(f"| {p.short} | {c['damping']:.2g} | {c['max_iters']} | " + " | ".join(cells)
                      + f" | {c['none']['s_per_iter'] * 1e3:.1f} / {c['diagonal']['s_per_iter'] * 1e3:.1f} / "
                        f"{c['kfac']['s_per_iter'] * 1e3:.1f} | {c['diagonal']['build_s']:.2f} / "
                        f"{c['kfac']['build_s']:.2f} | {fmt(ratio, '.2f')}x |")  # fmt: skip
@@ -789,7 +838,8 @@ def write_report(args, budget, started, load_start, load_end, wall, defaults, sw
     data = {
         "command": cmd, "started": started, "wall_s": wall, "threads": args.threads, "budget_s": budget,
         "loadavg_start": load_start, "loadavg_end": load_end, "thread_check_steps_per_s": threads_check, "torch": torch.__version__, "hf_defaults": defaults,
-        "sweep": sweep, "sweep_val": sweep_table, "sweep_worst_ratio": worst, "minimax_setting": minimax,
+        "sweep": sweep, "sweep_val": sweep_table, "sweep_best_val": sweep_best, "sweep_worst_ratio": worst_by,
+        "minimax_setting": minimax,
         "summary": summary, "cg": cg_rows,
         "cost": [{"model": label, **r} for label, r in costs], "gpu": gpu,
         "traces": {k: [asdict(t) for t in v] for k, v in results.items()},

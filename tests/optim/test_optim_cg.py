@@ -62,3 +62,17 @@ def test_cg_progress_rule_stops_early() -> None:
 def test_cg_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="preconditioner: expected shape"):
         conjugate_gradient(lambda v: v, torch.ones(3), preconditioner=torch.ones(4))
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_histories_match_the_kept_iterates(warm: bool) -> None:
+    a = _spd(25, 1e3, 3)
+    b = torch.randn(25, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x0 = 0.01 * torch.ones(25, dtype=torch.float64) if warm else None
+    res = conjugate_gradient(lambda v: a @ v, b, x0=x0, preconditioner=torch.diagonal(a), max_iters=40, tol=0)
+    assert len(res.q_history) == len(res.residual_history) == res.iters + 1
+    for i, x, q in res.iterates:  # recomputed densely from the kept iterates
+        assert q == res.q_history[i]
+        want_q = float(0.5 * x @ a @ x - b @ x)
+        assert res.q_history[i] == pytest.approx(want_q, rel=1e-9, abs=1e-12)
+        assert res.residual_history[i] == pytest.approx(float((b - a @ x).norm()), rel=1e-6, abs=1e-12)

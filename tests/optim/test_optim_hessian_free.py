@@ -117,7 +117,7 @@ def test_group_lasso_prunes_to_target_rank() -> None:
         model, F.mse_loss, group_lasso=1e-2, prune_threshold=1e-3, curvature_fraction=1.0, damping=1e-2
     )
     pruned: dict[str, list[int]] = {}
-    for _ in range(60):
+    for _ in range(150):  # the step that prunes the last component moves with the K-FAC draws (40-95)
         info = opt.step((x,), y)
         for k, v in info.pruned.items():
             pruned.setdefault(k, []).extend(v)

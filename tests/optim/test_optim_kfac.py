@@ -203,6 +203,61 @@ def test_kfac_cg_needs_fewer_iterations_on_badly_scaled_inputs() -> None:
     torch.testing.assert_close(pre.x, plain.x, rtol=1e-3, atol=1e-3 * float(plain.x.abs().max()))
 
 
+def _wide_autoencoder(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """30-60-4-60-30 sigmoid AE on 16 examples: the 60-wide layers are wider than the batch."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(30, 60), nn.Sigmoid(), nn.Linear(60, 4), nn.Linear(4, 60), nn.Sigmoid(), nn.Linear(60, 30)
+    ).double()
+    x = torch.rand(16, 30, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 30, dtype=torch.float64)
+    return model, x
+
+
+@pytest.mark.parametrize(
+    "seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)]
+)
+def test_default_draws_precondition_like_the_exact_factors_on_wide_layers(seed: int) -> None:
+    """Issue 17: with one draw per example G has rank <= B, below a layer's width, and CG got slower.
+
+    Reference: the dense float64 Gauss-Newton matrix from jacrev (not the library's product);
+    CG iterations to 99% of the best quadratic-model reduction q*, none / exact factors / default
+    draws / one draw.
+    """
+    model, x = _wide_autoencoder(seed)
+    loss = lambda z: sum_squared(z, x)  # noqa: E731
+    ggn, flat = dense_ggn(model, x, loss)
+    theta = flat.flatten().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(flat.function((x,))(theta)), theta)
+    lam = 1e-3
+    runs = {
+        "none": conjugate_gradient(lambda v: ggn @ v + lam * v, -grad, max_iters=400, tol=0, residual_tol=0)
+    }
+    factors = {}
+    for samples in ("exact", "default", 1):
+        kfac = (
+            KFAC(model, flat.params, flat.offsets, seed=0)
+            if samples == "default"
+            else KFAC(model, flat.params, flat.offsets, samples=samples, seed=0)
+        )
+        kfac.update((x,), loss)
+        factors[samples] = kfac.factors((x,), loss)
+        runs[samples] = conjugate_gradient(
+            lambda v: ggn @ v + lam * v, -grad, preconditioner=kfac.inverse(lam), max_iters=400, tol=0,
+            residual_tol=0,
+        )  # fmt: skip
+    q_best = min(min(r.q_history) for r in runs.values())
+    to_q99 = {k: next(i for i, q in enumerate(r.q_history) if q <= 0.99 * q_best) for k, r in runs.items()}
+    # the 60-wide layers' G: full rank with the default draws (as exact), rank <= 16 with one draw
+    for k in (0, 2):
+        g_exact, g_default, g_one = (factors[s][k][1] for s in ("exact", "default", 1))
+        assert int(torch.linalg.matrix_rank(g_exact)) == 60
+        assert int(torch.linalg.matrix_rank(g_default)) == 60
+        assert int(torch.linalg.matrix_rank(g_one)) <= 16
+    assert to_q99["default"] <= 2 * to_q99["exact"] + 1, to_q99
+    assert to_q99[1] > 3 * to_q99["exact"], to_q99  # the defect the default avoids
+
+
 def test_hessian_free_with_kfac_trains_and_resumes_exactly(small_net) -> None:
     g = torch.Generator().manual_seed(6)
     x = torch.randn(64, 3, generator=g, dtype=torch.float64)

@@ -32,12 +32,16 @@ class CGResult:
         iterates: kept iterates as (iteration, x, q(x)), increasing iteration, the last one included.
         iters: iterations run (curvature-vector products, the warm-start product excluded).
         reason: why CG stopped: "progress", "max_iters", "nonpositive_curvature", "converged".
+        q_history: q(x_i) for every iteration i = 0..iters (q(x_0) = 0 without a warm start).
+        residual_history: ‖r_i‖ = ‖b - A x_i‖ (as CG updates it) for i = 0..iters.
     """
 
     x: torch.Tensor
     iterates: list[tuple[int, torch.Tensor, float]] = field(default_factory=list)
     iters: int = 0
     reason: str = "max_iters"
+    q_history: list[float] = field(default_factory=list)
+    residual_history: list[float] = field(default_factory=list)
 
 
 def _grid(gamma: float, max_iters: int) -> set[int]:
@@ -110,7 +114,7 @@ def conjugate_gradient(
 
     keep = _grid(grid, max_iters)
     r_stop = residual_tol * float(b.norm())
-    result = CGResult(x=x, iterates=[(0, x.clone(), q0)])
+    result = CGResult(x=x, iterates=[(0, x.clone(), q0)], q_history=[q0], residual_history=[float(r.norm())])
     qs = [q0]  # q(x_i), index i
     y = solve_m(r)
     p = y.clone()
@@ -131,6 +135,8 @@ def conjugate_gradient(
         r = r - a * ap
         q = -0.5 * float(x.dot(b + r))
         qs.append(q)
+        r_norm = float(r.norm())
+        result.residual_history.append(r_norm)
         if i in keep:
             result.iterates.append((i, x.clone(), q))
         k = max(10, math.ceil(0.1 * i))
@@ -139,7 +145,7 @@ def conjugate_gradient(
             break
         y = solve_m(r)
         ry_new = float(r.dot(y))
-        if float(r.norm()) <= r_stop or ry_new <= 0.0 or not math.isfinite(ry_new):
+        if r_norm <= r_stop or ry_new <= 0.0 or not math.isfinite(ry_new):
             result.reason = "converged"
             break
         p = y + (ry_new / ry) * p
@@ -147,7 +153,7 @@ def conjugate_gradient(
     else:
         i = max_iters
         result.reason = "max_iters"
-    result.x, result.iters = x, i
+    result.x, result.iters, result.q_history = x, i, qs
     if result.iterates[-1][0] != i:
         result.iterates.append((i, x.clone(), qs[i]))
     return result

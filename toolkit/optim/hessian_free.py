@@ -8,8 +8,9 @@ One outer step at θ, on a gradient batch (inputs, targets) and a curvature batc
    curvature batch, linearized once; a: L2 coefficients; H_group: group-lasso curvature).
 3. Preconditioned CG on A p = -g from 0.95·(previous CG solution), iterates kept on a 1.3-geometric
    grid. Preconditioner (``preconditioner``): "diagonal" (Martens: M = (d + λ + d_R)^α with d the
-   mean squared per-example gradient), "kfac" (π-damped Kronecker-factored blocks of the linear
-   sublayers, re-estimated every ``kfac_every`` steps on the curvature batch; ``toolkit.optim.kfac``)
+   mean squared per-example gradient), "kfac" (damped Kronecker-factored blocks of the linear
+   sublayers, re-estimated every ``kfac_every`` steps on the curvature batch from ``kfac_samples``
+   draws per example; ``toolkit.optim.kfac``)
    or "none". Adaptive budgets (``toolkit.optim.budgets``): the CG cap can start small and grow when
    CG runs into it (``adaptive_cg``), and the curvature batch can grow as the gradient's sampling
    noise falls below its size (``adaptive_curvature``).
@@ -125,6 +126,8 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner_alpha: α in [0, 1] of the diagonal preconditioner (0 disables it).
         kfac_every: outer steps between K-FAC factor estimates.
         kfac_damping: "eigen" (exact inverse of the damped Kronecker block) or "pi" (π-damping).
+        kfac_samples: Monte-Carlo draws per example for the K-FAC factor G (≥ 1), or "exact" (one
+            backward pass per model output); see ``toolkit.optim.kfac.KFAC``.
         adaptive_cg: start the CG cap at ``cg_initial_iters`` (at most ``cg_max_iters``) and grow it
             after steps that run into it; else the cap is ``cg_max_iters``.
         cg_initial_iters: the first CG cap with ``adaptive_cg``.
@@ -169,6 +172,7 @@ class HessianFree(torch.optim.Optimizer):
         preconditioner_alpha: float = 0.75,
         kfac_every: int = 5,
         kfac_damping: str = "eigen",
+        kfac_samples: int | str = 16,
         adaptive_cg: bool = True,
         cg_initial_iters: int = 10,
         adaptive_curvature: bool = True,
@@ -205,6 +209,10 @@ class HessianFree(torch.optim.Optimizer):
             )
         if kfac_damping not in KFAC_DAMPINGS:
             raise InputError(f"kfac_damping: expected one of {list(KFAC_DAMPINGS)}, got {kfac_damping!r}")
+        if kfac_samples != "exact" and (
+            isinstance(kfac_samples, bool) or not isinstance(kfac_samples, int) or kfac_samples < 1
+        ):
+            raise InputError(f"kfac_samples: expected a count >= 1 or 'exact', got {kfac_samples!r}")
         if jvp_mode not in JVP_MODES:
             raise InputError(f"jvp_mode: expected one of {list(JVP_MODES)}, got {jvp_mode!r}")
         for name, value, low, high, open_ in (
@@ -246,7 +254,8 @@ class HessianFree(torch.optim.Optimizer):
             "warm_start": float(warm_start), "jvp_mode": jvp_mode, "seed": int(seed),
             "preconditioner_examples": preconditioner_examples, "l2_sp": float(l2_sp),
             "preconditioner": preconditioner,
-            "kfac_every": int(kfac_every), "kfac_damping": kfac_damping, "adaptive_cg": bool(adaptive_cg),
+            "kfac_every": int(kfac_every), "kfac_damping": kfac_damping,
+            "kfac_samples": kfac_samples, "adaptive_cg": bool(adaptive_cg),
             "cg_initial_iters": int(cg_initial_iters), "adaptive_curvature": bool(adaptive_curvature),
             "curvature_max_fraction": float(curvature_max_fraction),
         }  # fmt: skip
@@ -425,7 +434,7 @@ class HessianFree(torch.optim.Optimizer):
     ) -> KFAC:
         """The K-FAC blocks at θ, re-estimated every ``kfac_every`` steps (or when shapes changed)."""
         g = self._global()
-        kfac = KFAC(self.model, flat.params, flat.offsets)
+        kfac = KFAC(self.model, flat.params, flat.offsets, samples=self.defaults["kfac_samples"])
         kfac.generator = self._generator
         saved = g.get("kfac")
         fresh = (
