@@ -410,7 +410,8 @@ def _dense_only(args: Any, budget: float) -> int:
         f"# Fine-tuning MiniLM's {args.trainable} + head on Rotten Tomatoes: Hessian-free vs AdamW (dense only)",
         "",
         f"Written by `python benchmarks/bench_finetune.py --dense-only --trainable {args.trainable}"
-        f"{f' --budget {budget:g}' if args.budget is not None else ''}{' --quick' if args.quick else ''}`; "
+        f"{f' --budget {budget:g}' if args.budget is not None else ''}"
+        f"{f' --adamw-epochs {args.adamw_epochs:g}' if prep.k and args.adamw_epochs != 1.0 else ''}{' --quick' if args.quick else ''}`; "
         f"{doc['total_seconds']:.0f} s in all (features {feat_s:.0f} s). Machine: {doc['machine']['platform']}, "
         f"{doc['machine']['cpus']} CPUs shared with other jobs, torch threads {args.threads}, load average "
         f"{load_start[0]:.1f} at the start, {doc['machine']['loadavg_end'][0]:.1f} at the end.",
@@ -524,7 +525,8 @@ def _probe(args: Any) -> int:
     lines = [
         "# Fine-tuning ceiling probe: AdamW on the top MiniLM blocks",
         "",
-        f"Written by `python benchmarks/bench_finetune.py --probe{' --quick' if args.quick else ''}`; "
+        f"Written by `python benchmarks/bench_finetune.py --probe --probe-epochs {args.probe_epochs:g} --probe-lr "
+        f"{args.probe_lr:g} --probe-budget {args.probe_budget:g}{' --quick' if args.quick else ''}`; "
         f"{doc['total_seconds']:.0f} s in all. Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs "
         f"shared with other jobs, torch threads {args.threads}, load average {load_start[0]:.1f} at the start, "
         f"{doc['machine']['loadavg_end'][0]:.1f} at the end.",
