@@ -43,6 +43,10 @@ from toolkit.factorize.classify_train import FitConfig, evaluate, fit, trainable
 from toolkit.factorize.hf import load_hf, mean_cosine, minilm_dir  # noqa: E402
 
 HF_GRID = [1e-4, 1e-3, 1e-2]
+# fine-tuning blocks: L2-SP (toward the pretrained weights; plain L2 on the zero-start head)
+L2SP_GRID = [1e-4, 1e-3, 1e-2]
+HF_FT = {"batch_size": 512, "curvature_batch": 64, "cg_max_iters": 10}  # Hessian-free through blocks
+BUCKET = 16  # length buckets: windows of 16 minibatches sorted by length (fine-tuning blocks)
 ADAMW_LRS = [1e-3, 3e-3, 1e-2]
 C_GRID = [0.1, 0.3, 1.0, 3.0, 10.0]
 PATIENCE = 20  # evaluations without a validation gain before a run stops
@@ -146,6 +150,10 @@ def main() -> int:
     ap.add_argument("--trainable", default="head")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument(
+        "--adamw-epochs", type=float, default=1.0,
+        help="AdamW schedule length in epochs when blocks are trained (default 1; head: 10)",
+    )  # fmt: skip
+    ap.add_argument(
         "--distill-steps",
         type=int,
         default=None,
@@ -158,6 +166,26 @@ def main() -> int:
         help="distillation peak learning rate (default 5e-4, as rlhf factorize; the function's own default is 1e-4)",
     )
     ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="only the ceiling probe: AdamW on last:1 and last:2 for --probe-epochs epochs (no early "
+        "stopping), written to docs/benchmarks/finetune_probe.md (+ .json)",
+    )
+    ap.add_argument(
+        "--dense-only",
+        action="store_true",
+        help="only Hessian-free and AdamW on the dense MiniLM (+ TF-IDF), no factorized encoder; written to "
+        "docs/benchmarks/finetune_<trainable>.md (+ .json)",
+    )
+    ap.add_argument("--probe-epochs", type=float, default=3.0, help="epochs of each probe run (default 3)")
+    ap.add_argument("--probe-lr", type=float, default=5e-4, help="AdamW peak lr of the probe (default 5e-4)")
+    ap.add_argument(
+        "--probe-budget",
+        type=float,
+        default=270.0,
+        help="training seconds per probe run at most (default 270)",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="rewrite the markdown and plot from the JSON beside --out"
     )
     args = ap.parse_args()
@@ -166,7 +194,11 @@ def main() -> int:
         _plot(doc["results"], args.out.with_suffix(".png"))
         args.out.write_text(_markdown(doc, args))
         return 0
+    if args.probe:
+        return _probe(args)
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 40.0)
+    if args.dense_only:
+        return _dense_only(args, budget)
     distill_steps = args.distill_steps if args.distill_steps is not None else (3 if args.quick else 320)
     if distill_steps < 0:
         ap.error(f"--distill-steps: expected >= 0, got {distill_steps}")
@@ -238,24 +270,16 @@ def main() -> int:
     cosine = {"asvd": mean_cosine(val_emb[1], val_emb[0]), "distilled": mean_cosine(val_emb[2], val_emb[0])}
     print(f"val cosine to dense: ASVD {cosine['asvd']:.4f}, distilled {cosine['distilled']:.4f}", flush=True)
 
-    steps_cap = 100000
-    hf_cfg = FitConfig(optimizer="hf", batch_size=4096, curvature_batch=1024, max_steps=steps_cap, time_budget=budget,
-                       eval_every=1, patience=PATIENCE, cg_max_iters=20, seed=0)  # fmt: skip
-    # AdamW: the standard recipe, linear warm-up (10%) and decay over 10 epochs of batch 32, wd 0.01
-    epochs = 10
-    adam_steps = epochs * (len(splits.train) // 32)
-    adam_cfg = FitConfig(optimizer="adamw", batch_size=32, max_steps=adam_steps, time_budget=budget,
-                         eval_every=max(1, len(splits.train) // 32 // 4), patience=PATIENCE, warmup=0.1,
-                         weight_decay=0.01, seed=0)  # fmt: skip
+    hf_cfg, hf_name, hf_grid, adam_cfg, epochs = _configs(args, budget, len(splits.train))
     results: dict[str, Any] = {}
     print("Hessian-free + L2 (dense MiniLM)", flush=True)
-    results["hf"] = _grid(prep_dense, hf_cfg, "l2", HF_GRID, "hf", work)
+    results["hf"] = _grid(prep_dense, hf_cfg, hf_name, hf_grid, "hf", work)
     print("AdamW (dense MiniLM)", flush=True)
     results["adamw"] = _grid(prep_dense, adam_cfg, "lr", ADAMW_LRS, "adamw", work)
     print("Hessian-free + L2 (factorized MiniLM)", flush=True)
-    results["hf_factorized"] = _grid(prep_fact, hf_cfg, "l2", HF_GRID, "hf-fact", work)
+    results["hf_factorized"] = _grid(prep_fact, hf_cfg, hf_name, hf_grid, "hf-fact", work)
     print(f"Hessian-free + L2 (factorized MiniLM, {distill_steps} distillation steps)", flush=True)
-    results["hf_distilled"] = _grid(prep_dist, hf_cfg, "l2", HF_GRID, "hf-dist", work)
+    results["hf_distilled"] = _grid(prep_dist, hf_cfg, hf_name, hf_grid, "hf-dist", work)
 
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -290,7 +314,7 @@ def main() -> int:
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "settings": {"quick": args.quick, "budget_seconds_per_run": budget, "trainable": args.trainable,
                      "max_length": args.max_length, "hf": dataclasses.asdict(hf_cfg),
-                     "adamw": dataclasses.asdict(adam_cfg), "hf_l2_grid": HF_GRID, "adamw_lrs": ADAMW_LRS,
+                     "adamw": dataclasses.asdict(adam_cfg), "hf_setting": hf_name, "hf_l2_grid": hf_grid, "adamw_epochs": epochs, "adamw_lrs": ADAMW_LRS,
                      "sklearn_C_grid": C_GRID},
         "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test_split),
                  "truncated": splits.truncated, "labels": names},
@@ -307,6 +331,225 @@ def main() -> int:
     _plot(results, args.out.with_suffix(".png"))
     args.out.write_text(_markdown(doc, args))
     print(f"wrote {args.out} (+ .json, .png) in {doc['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _configs(args: Any, budget: float, n_train: int) -> tuple[FitConfig, str, list[float], FitConfig, float]:
+    """The Hessian-free config, its swept setting and grid, the AdamW config and its epochs."""
+    steps_cap = 100000
+    head = args.trainable == "head"
+    # through transformer blocks (last:K) a Hessian-free step must stay affordable: a smaller
+    # minibatch and curvature sub-batch, fewer CG iterations; minibatches length-bucketed (the same
+    # bucketing for every method) so that a minibatch is trimmed to little padding
+    bucket = 0 if head else BUCKET
+    hf_cfg = FitConfig(optimizer="hf", batch_size=4096 if head else HF_FT["batch_size"],
+                       curvature_batch=1024 if head else HF_FT["curvature_batch"], max_steps=steps_cap,
+                       time_budget=budget, eval_every=1, patience=PATIENCE,
+                       cg_max_iters=20 if head else HF_FT["cg_max_iters"], seed=0, bucket=bucket)  # fmt: skip
+    hf_name, hf_grid = ("l2", HF_GRID) if head else ("l2_sp", L2SP_GRID)
+    # AdamW: the standard recipe, linear warm-up (10%) and decay over 10 epochs of batch 32, wd 0.01
+    # (fine-tuning blocks: over the epochs the budget allows)
+    epochs = 10 if head else args.adamw_epochs
+    adam_steps = max(1, int(epochs * (n_train // 32)))
+    adam_cfg = FitConfig(optimizer="adamw", batch_size=32, max_steps=adam_steps, time_budget=budget,
+                         eval_every=max(1, n_train // 32 // 4), patience=PATIENCE, warmup=0.1,
+                         weight_decay=0.01, seed=0, bucket=bucket)  # fmt: skip
+    return hf_cfg, hf_name, hf_grid, adam_cfg, epochs
+
+
+def _dense_only(args: Any, budget: float) -> int:
+    """Hessian-free (+ its grid) and AdamW (3 lr) on the dense MiniLM's ``--trainable`` top, and TF-IDF."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+    tag = args.trainable.replace(":", "")
+    work = ROOT / "runs" / f"bench-finetune-{tag}"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    dense, tok = load_hf(minilm_dir())
+    splits, raw = _splits(args.quick, args.max_length, tok)
+    t0 = time.perf_counter()
+    prep = prepare_model(dense, splits, args.trainable)
+    feat_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in trainable_params(prep.train_model).values())
+    print(f"features {feat_s:.0f} s; {n_params:,} trained parameters", flush=True)
+    hf_cfg, hf_name, hf_grid, adam_cfg, epochs = _configs(args, budget, len(splits.train))
+    results: dict[str, Any] = {}
+    results["hf"] = _grid(prep, hf_cfg, hf_name, hf_grid, "hf", work)
+    results["adamw"] = _grid(prep, adam_cfg, "lr", ADAMW_LRS, "adamw", work)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    test_split: Any = splits.test
+    ys = [
+        np.array([splits.names.index(str(lab)) for lab in s.labels])
+        for s in (splits.train, splits.val, test_split)
+    ]
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr = vec.fit_transform(raw[0])
+    results["tfidf_lr"] = _sklearn_lr(xtr, ys[0], vec.transform(raw[1]), ys[1], vec.transform(raw[2]), ys[2])
+    hf, ad, tf = results["hf"]["chosen"], results["adamw"]["chosen"], results["tfidf_lr"]
+    doc: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+           "settings": {"trainable": args.trainable, "params": n_params, "budget_seconds_per_run": budget,
+                        "hf": dataclasses.asdict(hf_cfg), "hf_setting": hf_name, "hf_grid": hf_grid,
+                        "adamw": dataclasses.asdict(adam_cfg), "adamw_epochs": epochs, "adamw_lrs": ADAMW_LRS},
+           "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test_split)},
+           "features_seconds": feat_s, "results": results,
+           "targets": {"hf_test_accuracy_at_least_best_adamw": hf["test_accuracy"] >= ad["test_accuracy"],
+                       "hf_gap_smaller_than_adamw": hf["gap"] < ad["gap"],
+                       "hf_and_adamw_above_tfidf": min(hf["test_accuracy"], ad["test_accuracy"]) > tf["test_accuracy"]},
+           "total_seconds": time.perf_counter() - t_all}  # fmt: skip
+    out = args.out.with_name(f"{args.out.stem}_{tag}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    st, say = doc["settings"], {True: "met", False: "**missed**"}
+    lines = [
+        f"# Fine-tuning MiniLM's {args.trainable} + head on Rotten Tomatoes: Hessian-free vs AdamW (dense only)",
+        "",
+        f"Written by `python benchmarks/bench_finetune.py --dense-only --trainable {args.trainable}"
+        f"{f' --budget {budget:g}' if args.budget is not None else ''}"
+        f"{f' --adamw-epochs {args.adamw_epochs:g}' if prep.k and args.adamw_epochs != 1.0 else ''}{' --quick' if args.quick else ''}`; "
+        f"{doc['total_seconds']:.0f} s in all (features {feat_s:.0f} s). Machine: {doc['machine']['platform']}, "
+        f"{doc['machine']['cpus']} CPUs shared with other jobs, torch threads {args.threads}, load average "
+        f"{load_start[0]:.1f} at the start, {doc['machine']['loadavg_end'][0]:.1f} at the end.",
+        "",
+        f"Trained: the last {prep.k} block(s) + the head ({n_params:,} parameters) for both methods, on the cached hidden "
+        f"states below them; same start (pretrained blocks, zero head), same seeded data order, length-bucketed "
+        f"minibatches (windows of {BUCKET}, trimmed to their longest text), no dropout, early stopping on validation "
+        f"(patience {PATIENCE} evaluations), **{budget:g} s of training per run**. Hessian-free: minibatch "
+        f"{st['hf']['batch_size']}, curvature sub-batch {st['hf']['curvature_batch']}, ≤{st['hf']['cg_max_iters']} CG "
+        f"iterations, {hf_name} ∈ {hf_grid} chosen on validation. AdamW: batch 32, warm-up 10% then linear decay over "
+        f"{epochs:g} epoch(s) ({st['adamw']['max_steps']} steps), weight decay 0.01, lr ∈ {ADAMW_LRS} chosen on validation. "
+        "Test figures at each run's best validation point; the gap on the whole training split.",
+        "",
+        "| method | setting | best val | test | test macro-F1 | train − test gap | steps | s | s to best | stopped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("hf", "adamw"):
+        for x in results[key]["runs"]:
+            mark = " (chosen)" if x is results[key]["chosen"] else ""
+            lines.append(f"| {key} | {x['setting']}={x['value']:g}{mark} | {x['best_val_accuracy']:.4f} | {x['test_accuracy']:.4f} | "
+                         f"{x['test_macro_f1']:.4f} | {x['gap']:+.4f} | {x['steps']} | {x['seconds']:.0f} | "
+                         f"{x['seconds_to_best']:.0f} | {x['stopped']} |")  # fmt: skip
+    lines += [
+        f"| TF-IDF (1-2 grams) + logistic regression | C={tf['C']:g} | {tf['best_val_accuracy']:.4f} | {tf['test_accuracy']:.4f} | "
+        f"{tf['test_macro_f1']:.4f} | {tf['gap']:+.4f} | | {tf['seconds']:.0f} | | |",
+        "",
+        "Targets (on this trained top):",
+        "",
+        f"- Hessian-free + regularizer ≥ the best AdamW on test accuracy: {say[doc['targets']['hf_test_accuracy_at_least_best_adamw']]}",
+        f"- … with a smaller train − test gap: {say[doc['targets']['hf_gap_smaller_than_adamw']]}",
+        f"- both above TF-IDF + logistic regression: {say[doc['targets']['hf_and_adamw_above_tfidf']]}",
+        "",
+    ]  # fmt: skip
+    out.write_text("\n".join(lines))
+    print(f"wrote {out} (+ .json) in {doc['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _one_block_up(prep: Any) -> Any:
+    """From a last:2 PreparedModel, the last:1 one: its features are the cached ones run through the
+    second-to-last block (what ``prepare_model(..., "last:1")`` computes from the token ids), with a
+    fresh zero head on the last block."""
+    from torch import nn
+
+    from toolkit.factorize.classify import PreparedModel
+    from toolkit.factorize.text_features import TopClassifier, run_blocks
+
+    lower, last = prep.train_model.blocks[0], copy.deepcopy(prep.train_model.blocks[1])
+    head = copy.deepcopy(prep.train_model.head)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    data = {}
+    with torch.no_grad():
+        for name, ((feats, mask), y) in prep.data.items():
+            out = torch.zeros_like(feats)
+            for i in range(0, len(y), 256):
+                m = mask[i : i + 256]
+                t = max(1, int(m.sum(1).max()))
+                out[i : i + 256, :t] = run_blocks(nn.ModuleList([lower]), feats[i : i + 256, :t], m[:, :t])
+            data[name] = ((out, mask), y)
+    model = TopClassifier(nn.ModuleList([last]), head)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return PreparedModel(model, prep.classifier, "last", 1, data)
+
+
+def _probe(args: Any) -> int:
+    """AdamW on last:1 and last:2 without early stopping: how far can the top-k fine-tune go at all?"""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+    work = ROOT / "runs" / "bench-finetune-probe"
+    if work.exists():
+        import shutil
+
+        shutil.rmtree(work)
+    dense, tok = load_hf(minilm_dir())
+    splits, _ = _splits(args.quick, args.max_length, tok)
+    n = len(splits.train)
+    runs = []
+    t0 = time.perf_counter()
+    prep2 = prepare_model(copy.deepcopy(dense), splits, "last:2")  # the hidden states below the last 2 blocks
+    feat2 = time.perf_counter() - t0
+    for k in (1, 2):
+        t0 = time.perf_counter()
+        prep = prep2 if k == 2 else _one_block_up(prep2)
+        feat_s = feat2 + (time.perf_counter() - t0 if k == 1 else 0.0)
+        steps = max(1, int(args.probe_epochs * (n // 32)))
+        cfg = FitConfig(optimizer="adamw", batch_size=32, max_steps=steps, time_budget=args.probe_budget,
+                        eval_every=max(1, n // 32 // 4), patience=0, lr=args.probe_lr, warmup=0.1,
+                        weight_decay=0.01, seed=0, bucket=BUCKET)  # fmt: skip
+        r = _run(prep, cfg, work / f"last{k}")
+        r.update({"trainable": f"last:{k}", "features_seconds": feat_s, "max_steps": steps,
+                  "epochs_done": r["steps"] * 32 / n,
+                  "params": sum(p.numel() for p in trainable_params(prep.train_model).values())})  # fmt: skip
+        runs.append(r)
+        print(f"probe last:{k}: best val {r['best_val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, "
+              f"{r['steps']} steps ({r['epochs_done']:.2f} epochs), {r['seconds']:.0f} s, {r['stopped']}", flush=True)  # fmt: skip
+    doc: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+           "settings": {"epochs": args.probe_epochs, "lr": args.probe_lr, "budget_seconds_per_run": args.probe_budget,
+                        "batch_size": 32, "bucket": BUCKET, "max_length": args.max_length, "quick": args.quick},
+           "data": {"train": n, "val": len(splits.val), "test": len(splits.test or [])},
+           "runs": runs, "total_seconds": time.perf_counter() - t_all}  # fmt: skip
+    out = args.out.with_name(args.out.stem + "_probe.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    st = doc["settings"]
+    lines = [
+        "# Fine-tuning ceiling probe: AdamW on the top MiniLM blocks",
+        "",
+        f"Written by `python benchmarks/bench_finetune.py --probe --probe-epochs {args.probe_epochs:g} --probe-lr "
+        f"{args.probe_lr:g} --probe-budget {args.probe_budget:g}{' --quick' if args.quick else ''}`; "
+        f"{doc['total_seconds']:.0f} s in all. Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs "
+        f"shared with other jobs, torch threads {args.threads}, load average {load_start[0]:.1f} at the start, "
+        f"{doc['machine']['loadavg_end'][0]:.1f} at the end.",
+        "",
+        f"AdamW, batch 32, peak lr {st['lr']:g}, linear warm-up 10% then linear decay over {st['epochs']:g} epochs, "
+        f"weight decay 0.01, length-bucketed minibatches (windows of {BUCKET}), no dropout, no early stopping, at most "
+        f"{st['budget_seconds_per_run']:g} s of training per run; {doc['data']['train']} training texts, validation "
+        "every quarter epoch; the last k blocks + the (zero-start) head are trained on the cached hidden states "
+        "below them. Test figures at the best validation point.",
+        "",
+        "| trained | parameters | best val accuracy | test accuracy | train − test gap | steps | epochs done | s | stopped | s of features |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(f"| {r['trainable']} + head | {r['params']:,} | {r['best_val_accuracy']:.4f} | {r['test_accuracy']:.4f} | "
+                     f"{r['gap']:+.4f} | {r['steps']} | {r['epochs_done']:.2f} | {r['seconds']:.0f} | {r['stopped']} | "
+                     f"{r['features_seconds']:.0f} |")  # fmt: skip
+    lines += ["", "Validation accuracy at each evaluation (seconds of training: accuracy):", ""]
+    for r in runs:
+        pts = ", ".join(f"{t:.0f}: {a:.4f}" for t, a in r["curve"])
+        lines.append(f"- {r['trainable']}: {pts}")
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} (+ .json) in {doc['total_seconds']:.0f} s", flush=True)
     return 0
 
 
@@ -368,9 +611,9 @@ def _markdown(doc: dict[str, Any], args: Any) -> str:
         f"(patience {PATIENCE} evaluations: every Hessian-free step, every quarter epoch of AdamW), a budget of **{s['budget_seconds_per_run']:g} s of training per run** "
         "(evaluations not counted); test figures at each run's best validation point. "
         f"Hessian-free: minibatch {s['hf']['batch_size']}, curvature sub-batch {s['hf']['curvature_batch']}, "
-        f"≤{s['hf']['cg_max_iters']} CG iterations, L2 λ ∈ {s['hf_l2_grid']} chosen on validation. "
+        f"≤{s['hf']['cg_max_iters']} CG iterations, {'L2-SP' if s.get('hf_setting') == 'l2_sp' else 'L2'} λ ∈ {s['hf_l2_grid']} chosen on validation. "
         f"AdamW: batch {s['adamw']['batch_size']}, linear warm-up 10% then linear decay over {s['adamw']['max_steps']} steps "
-        f"(10 epochs), weight decay 0.01, lr ∈ {s['adamw_lrs']} chosen on validation. "
+        f"({s.get('adamw_epochs', 10):g} epochs), weight decay 0.01, lr ∈ {s['adamw_lrs']} chosen on validation. "
         f"Logistic regressions (scikit-learn): C ∈ {s['sklearn_C_grid']} chosen on validation. "
         f"Factorized MiniLM: every linear layer of the 6 blocks by {doc['factorized']['method'].upper()} "
         f"({'calibration: 64 training texts; ' if fm == 'ASVD' else ''}{doc['factorized']['seconds']:.0f} s) at half the weights "

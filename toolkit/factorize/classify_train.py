@@ -54,6 +54,11 @@ class FitConfig:
         lr, warmup, weight_decay: AdamW settings (warm-up as a fraction of max_steps).
         train_eval: training examples scored at each evaluation (the train curve, the gap).
         seed: data order.
+        bucket: length-bucketed minibatches when the inputs carry a (N, T) mask: each window of
+            ``bucket`` minibatches of the shuffled order is sorted by text length, cut into
+            minibatches, and the minibatches of the window are shuffled (0: plain shuffled order).
+            Every text is still seen once an epoch; a minibatch is then trimmed to its longest
+            text, so little of it is padding.
     """
 
     optimizer: str = "hf"
@@ -74,6 +79,7 @@ class FitConfig:
     weight_decay: float = 0.01
     train_eval: int = 2000
     seed: int = 0
+    bucket: int = 0
 
     def check(self) -> None:
         """Raises InputError on a setting out of range."""
@@ -89,7 +95,7 @@ class FitConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("l2", "l1", "group_lasso", "l2_sp", "weight_decay", "patience"):
+        for name in ("l2", "l1", "group_lasso", "l2_sp", "weight_decay", "patience", "bucket"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         if not (self.lr > 0 and self.damping > 0 and 0 <= self.warmup < 1):
@@ -114,6 +120,37 @@ class FitResult:
 def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter of everything ``requires_grad``."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lengths_of(data: Batch) -> torch.Tensor | None:
+    """(N,) token counts when the inputs are (features or ids, (N, T) mask); else None."""
+    inputs = data[0]
+    if len(inputs) == 2 and inputs[1].dim() == 2 and inputs[1].shape[1] > 1:
+        return inputs[1].sum(1)
+    return None
+
+
+def epoch_order(
+    n: int, gen: torch.Generator, batch_size: int, bucket: int = 0, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One epoch's order of the ``n`` examples: consecutive ``batch_size`` slices are the minibatches.
+
+    A seeded permutation; with ``bucket`` > 0 and ``lengths``, each window of ``bucket`` minibatches
+    is sorted by length (stable), cut into minibatches, and those minibatches shuffled.
+    """
+    order = torch.randperm(n, generator=gen)
+    if bucket <= 0 or lengths is None:
+        return order
+    window = bucket * batch_size
+    parts = []
+    for i in range(0, n, window):
+        w = order[i : i + window]
+        w = w[torch.argsort(lengths[w], stable=True)]
+        batches = list(torch.split(w, batch_size))
+        full = [b for b in batches if len(b) == batch_size]  # a short last one stays last
+        perm = torch.randperm(len(full), generator=gen).tolist()
+        parts += [full[j] for j in perm] + [b for b in batches if len(b) != batch_size]
+    return torch.cat(parts)
 
 
 def _take(data: Batch, idx: torch.Tensor) -> Batch:
@@ -254,7 +291,8 @@ def fit(
     n = int(train[1].shape[0])
     opt = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos, step, elapsed = torch.randperm(n, generator=gen), 0, 0, 0.0
+    lengths = lengths_of(train)
+    order, pos, step, elapsed = epoch_order(n, gen, cfg.batch_size, cfg.bucket, lengths), 0, 0, 0.0
     res = FitResult()
     ckpt = run / "checkpoint.pt"
     settings = json.dumps({"config": asdict(cfg), "params": {k: list(p.shape) for k, p in trainable_params(model).items()},
@@ -296,7 +334,7 @@ def fit(
             return res
         t0 = time.perf_counter()
         if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
+            order, pos = epoch_order(n, gen, cfg.batch_size, cfg.bucket, lengths), 0
         idx = order[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
         inputs, y = _take(train, idx)
@@ -315,7 +353,9 @@ def fit(
         step += 1
         done_here += 1
         elapsed += time.perf_counter() - t0
-        if step % cfg.eval_every == 0 or step >= cfg.max_steps:
+        # the last step before the time budget runs out is scored too
+        out_of_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
+        if step % cfg.eval_every == 0 or step >= cfg.max_steps or out_of_time:
             v, t = evaluate(model, val), evaluate(model, train_sub)
             last = {"step": step, "seconds": elapsed, "train_accuracy": t["accuracy"], "train_loss": t["loss"],
                     "val_accuracy": v["accuracy"], "val_macro_f1": v["macro_f1"], "val_loss": v["loss"]}  # fmt: skip
