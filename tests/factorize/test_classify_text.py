@@ -185,7 +185,7 @@ def test_cli_sweep_export_and_run_text(tmp_path: Path, minilm: tuple) -> None:
     out = tmp_path / "clf"
     args = ["classify", str(minilm_dir()), "--train", str(train), "--test", str(test), "-o", str(out),
             "--trainable", "last:1", "--steps", "3", "--eval-every", "1", "--batch-size", "8",
-            "--curvature-batch", "4", "--cg-max-iters", "5", "--sweep", "l2_sp=0,1e-2", "--json"]  # fmt: skip
+            "--curvature-batch", "4", "--cg-max-iters", "5", "--sweep", "l2_sp=0,1e-2", "--bucket", "2", "--json"]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
@@ -275,4 +275,17 @@ def test_cli_bad_data_exits_2_and_writes_nothing(tmp_path: Path, train_rows, tes
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_negative_bucket_exits_2_before_reading_anything(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    train = _csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
+    args = ["classify", str(minilm_dir()), "--train", str(train), "-o", str(tmp_path / "o"), "--bucket", "-1"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "bucket" in res.stderr
     assert not (tmp_path / "o").exists()

@@ -59,6 +59,14 @@ P = click.Path(path_type=Path)
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and data order.")
 @click.option(
+    "--bucket",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With cached hidden states (last:K): sort each window of N minibatches by text length and trim "
+    "each minibatch to its longest text (0: off).",
+)
+@click.option(
     "--onnx/--no-onnx",
     "onnx_",
     default=True,
@@ -72,7 +80,7 @@ def classify(
     label_column: str, out: Path, run_dir: Path | None, trainable: str, optimizer: str, steps: int,
     time_budget: float | None, batch_size: int, curvature_batch: int, eval_every: int, patience: int,
     l2: float, l1: float, group_lasso: float, l2_sp: float, lr: float, sweep: str | None, max_length: int,
-    cg_max_iters: int, seed: int, onnx_: bool, overwrite: bool, as_json: bool,
+    cg_max_iters: int, seed: int, bucket: int, onnx_: bool, overwrite: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Fine-tune a text classifier on SOURCE (a Hugging Face model directory, or one written by
     `rlhf factorize`) from a CSV/JSONL of text,label, or the built-in Rotten Tomatoes set.
@@ -107,7 +115,7 @@ def classify(
     cfg = FitConfig(
         optimizer=optimizer, batch_size=batch_size, curvature_batch=curvature_batch, max_steps=steps,
         time_budget=time_budget, eval_every=eval_every, patience=patience, l2=l2, l1=l1,
-        group_lasso=group_lasso, l2_sp=l2_sp, lr=lr, cg_max_iters=cg_max_iters, seed=seed,
+        group_lasso=group_lasso, l2_sp=l2_sp, lr=lr, cg_max_iters=cg_max_iters, seed=seed, bucket=bucket,
     )  # fmt: skip
     cfg.check()
     grid = parse_sweep(sweep) if sweep else None
