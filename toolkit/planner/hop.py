@@ -19,34 +19,31 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from rlhf_runtime.stage_worker import StageWorker
 
 from toolkit.errors import InputError
 from toolkit.planner.devices import Hop
 
 
-class EchoWorker:
-    """A pipeline stage that computes nothing: returns its tensors and a timing record."""
+class EchoWorker(StageWorker):
+    """A pipeline stage that computes nothing: returns its tensors and a timing record.
+
+    A :class:`StageWorker` without stage files: ``run_carried`` and ``cpu`` are the pipeline's own,
+    so what is timed is the very call path a stage pays beyond its onnxruntime compute.
+    """
+
+    def __init__(self) -> None:  # no stage files to load
+        pass
 
     def run(
-        self, request_id: int, env: dict[str, np.ndarray]
+        self, request_id: int, env: Mapping[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return dict(env), {"id": request_id, "busy_s": 0.0, "cpu_s": 0.0}
-
-    def run_carried(
-        self, request_id: int, payload: tuple[dict[str, np.ndarray], list[dict[str, Any]]]
-    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-        env, records = payload
-        out, record = self.run(request_id, env)
-        return out, [*records, record]
-
-    def cpu(self) -> float:
-        """CPU seconds of the actor's whole process (every Ray thread in it)."""
-        return time.process_time()
 
 
 @dataclass(frozen=True)
