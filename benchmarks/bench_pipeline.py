@@ -536,28 +536,37 @@ def report(r: dict[str, Any]) -> str:
         + ", ".join(f"{t['bit_equal_to_executor']} ({mb} rows)" for mb, t in by.items())
         + " | bit-equal |"
     )
-    for mb, t in by.items():
-        if t.get("stage_process_cpu_ms"):
-            err = t["relative_error_ray_vs_process_cpu"]
-            lines.append(
-                f"| micro-batch {mb}: planner's predicted bottleneck, Ray cost model (profile + measured hop) vs the bottleneck "
-                f"stage's process CPU per micro-batch | {t['predicted_ray_ms']:.2f} vs {max(t['stage_process_cpu_ms']):.2f} ms "
-                f"({100 * err:+.1f}%) | within 15%: {_met(abs(err) <= 0.15)} |"
-            )
-    for mb, t in by.items():
-        err = t["relative_error_plain_vs_thread_cpu"]
-        lines.append(
-            f"| micro-batch {mb}: plain cost model (profile only) vs the bottleneck stage's CPU in its onnxruntime calls | "
-            f"{t['predicted_plain_ms']:.2f} vs {max(t['stage_thread_cpu_ms']):.2f} ms ({100 * err:+.1f}%) | "
+
+    def prediction_row(mb: int, what: str, predicted: float, measured: float, err: float) -> str:
+        return (
+            f"| micro-batch {mb}: {what} | {predicted:.2f} vs {measured:.2f} ms ({100 * err:+.1f}%) | "
             f"within 15%: {_met(abs(err) <= 0.15)} |"
         )
-    for mb, t in by.items():
-        err = t["measured_wall_ms_per_request"] / t["predicted_ray_ms"] - 1
-        lines.append(
-            f"| micro-batch {mb}: Ray cost model vs measured wall seconds per micro-batch (includes the driver, raylet and "
-            f"other jobs on the 2 cores) | {t['predicted_ray_ms']:.2f} vs {t['measured_wall_ms_per_request']:.2f} ms "
-            f"({100 * err:+.1f}%) | within 15%: {_met(abs(err) <= 0.15)} |"
+
+    lines += [
+        prediction_row(
+            mb, "planner's predicted bottleneck, Ray cost model (profile + measured hop) vs the bottleneck "
+            "stage's process CPU per micro-batch", t["predicted_ray_ms"], max(t["stage_process_cpu_ms"]),
+            t["relative_error_ray_vs_process_cpu"],
         )
+        for mb, t in by.items()
+        if t.get("stage_process_cpu_ms")
+    ]  # fmt: skip
+    lines += [
+        prediction_row(
+            mb, "plain cost model (profile only) vs the bottleneck stage's CPU in its onnxruntime calls",
+            t["predicted_plain_ms"], max(t["stage_thread_cpu_ms"]), t["relative_error_plain_vs_thread_cpu"],
+        )
+        for mb, t in by.items()
+    ]  # fmt: skip
+    lines += [
+        prediction_row(
+            mb, "Ray cost model vs measured wall seconds per micro-batch (includes the driver, raylet and "
+            "other jobs on the 2 cores)", t["predicted_ray_ms"], t["measured_wall_ms_per_request"],
+            t["measured_wall_ms_per_request"] / t["predicted_ray_ms"] - 1,
+        )
+        for mb, t in by.items()
+    ]  # fmt: skip
     lines += [
         f"| heterogeneous (b at 1/3 speed, micro-batch {r['micro_batch']}): planner {[tuple(x) for x in h['planner_partition']]} on {h['planner_devices']} vs equal-parameter split | "
         f"{h['planner_rps']:.1f} vs {h['equal_split_rps']:.1f} req/s = **{h['speedup']:.2f}x** (predicted bottleneck "
