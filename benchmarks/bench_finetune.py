@@ -117,6 +117,21 @@ def _grid(
     return {"chosen": best, "runs": runs}
 
 
+def _label_ids(splits: TextSplits) -> list[np.ndarray]:
+    """Class indices of the train / validation / test labels (the test split is always made here)."""
+    parts: list[Any] = [splits.train, splits.val, splits.test]
+    return [np.array([splits.names.index(str(lab)) for lab in s.labels]) for s in parts]
+
+
+def _tfidf_lr(raw: list[list[str]], ys: list[np.ndarray]) -> dict[str, Any]:
+    """TF-IDF (1-2 grams, fitted on the training texts) + logistic regression, C on validation."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr = vec.fit_transform(raw[0])
+    return _sklearn_lr(xtr, ys[0], vec.transform(raw[1]), ys[1], vec.transform(raw[2]), ys[2])
+
+
 def _sklearn_lr(
     xtr: Any, ytr: np.ndarray, xva: Any, yva: np.ndarray, xte: Any, yte: np.ndarray
 ) -> dict[str, Any]:
@@ -283,15 +298,8 @@ def main() -> int:
     print(f"Hessian-free + L2 (factorized MiniLM, {distill_steps} distillation steps)", flush=True)
     results["hf_distilled"] = _grid(prep_dist, hf_cfg, hf_name, hf_grid, "hf-dist", work)
 
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    names = splits.names
-    ys = [
-        np.array([names.index(str(lab)) for lab in s.labels]) for s in (splits.train, splits.val, test_split)
-    ]
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    xtr = vec.fit_transform(raw[0])
-    results["tfidf_lr"] = _sklearn_lr(xtr, ys[0], vec.transform(raw[1]), ys[1], vec.transform(raw[2]), ys[2])
+    ys = _label_ids(splits)
+    results["tfidf_lr"] = _tfidf_lr(raw, ys)
     if args.trainable == "head":  # the cached features are the mean-pooled sentence embeddings
         emb = [prep_dense.data[k][0][0].numpy() for k in ("train", "val", "test")]
     else:
@@ -319,7 +327,7 @@ def main() -> int:
                      "adamw": dataclasses.asdict(adam_cfg), "hf_setting": hf_name, "hf_l2_grid": hf_grid, "adamw_epochs": epochs, "adamw_lrs": ADAMW_LRS,
                      "sklearn_C_grid": C_GRID},
         "data": {"train": len(splits.train), "val": len(splits.val), "test": len(test_split),
-                 "truncated": splits.truncated, "labels": names},
+                 "truncated": splits.truncated, "labels": splits.names},
         "features_seconds": {"dense": feat_dense, "factorized": feat_fact, "distilled": feat_dist},
         "factorized": fact_info,
         "distillation": distill_info,
@@ -382,16 +390,8 @@ def _dense_only(args: Any, budget: float) -> int:
     results: dict[str, Any] = {}
     results["hf"] = _grid(prep, hf_cfg, hf_name, hf_grid, "hf", work)
     results["adamw"] = _grid(prep, adam_cfg, "lr", ADAMW_LRS, "adamw", work)
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     test_split: Any = splits.test
-    ys = [
-        np.array([splits.names.index(str(lab)) for lab in s.labels])
-        for s in (splits.train, splits.val, test_split)
-    ]
-    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    xtr = vec.fit_transform(raw[0])
-    results["tfidf_lr"] = _sklearn_lr(xtr, ys[0], vec.transform(raw[1]), ys[1], vec.transform(raw[2]), ys[2])
+    results["tfidf_lr"] = _tfidf_lr(raw, _label_ids(splits))
     hf, ad, tf = results["hf"]["chosen"], results["adamw"]["chosen"], results["tfidf_lr"]
     doc: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
                        "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
