@@ -303,15 +303,80 @@ def test_spec_preconditioner_reaches_the_optimizer(small_net) -> None:
     from toolkit.train.optimizers import make_stepper
 
     model = small_net()
-    cfg = OptimizerConfig(name="hessian_free", preconditioner="diagonal", adaptive_cg=False, cg_max_iters=7)
+    cfg = OptimizerConfig(name="hessian_free", preconditioner="diagonal", adaptive_cg=False, cg_max_iters=7,
+                          kfac_samples=4)  # fmt: skip
     opt = make_stepper(model, F.mse_loss, list(model.parameters()), cfg).opt
     assert (opt.defaults["preconditioner"], opt.defaults["adaptive_cg"]) == ("diagonal", False)
+    assert opt.defaults["kfac_samples"] == 4
+    exact = OptimizerConfig(name="hessian_free", kfac_samples="exact")
+    assert (
+        make_stepper(model, F.mse_loss, list(model.parameters()), exact).opt.defaults["kfac_samples"]
+        == "exact"
+    )
     assert opt.state_dict()["state"]["hessian_free"]["cg_cap"] == 7
     plain = make_stepper(
         model, F.mse_loss, list(model.parameters()), OptimizerConfig(name="hessian_free")
     ).opt
     defaults = HessianFree(model, F.mse_loss).defaults
-    for key in ("preconditioner", "adaptive_cg", "cg_max_iters", "preconditioner_alpha", "kfac_every"):
+    for key in (
+        "preconditioner",
+        "adaptive_cg",
+        "cg_max_iters",
+        "preconditioner_alpha",
+        "kfac_every",
+        "kfac_samples",
+    ):
         assert plain.defaults[key] == defaults[key], key
     with pytest.raises(ValueError, match="preconditioner"):
         OptimizerConfig(name="hessian_free", preconditioner="shampoo")
+    for bad in (0, -3, "sixteen", True):
+        with pytest.raises(ValueError, match="kfac_samples"):
+            OptimizerConfig(name="hessian_free", kfac_samples=bad)
+
+
+def test_inverse_on_a_layer_wider_than_the_batch_is_the_dense_solve(monkeypatch) -> None:
+    """A of a 40-input layer from 6 examples has rank ≤ 6: the low-rank path equals the dense solve."""
+    import toolkit.optim.kfac as kfac_module
+
+    def full_basis(*args):  # the low-rank path must not fall back on the full eigenbases
+        raise AssertionError("full-basis path taken")
+
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(40, 5)).double()
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    flat = FlatParams(model, list(model.parameters()))
+    kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
+    kfac.update((x,), lambda z: sum_squared(z, t))
+    ((a, gg),) = kfac.factors((x,), lambda z: sum_squared(z, t))
+    r = torch.randn(flat.numel, generator=g, dtype=torch.float64)
+    idx = block_index(kfac.blocks[0])
+    monkeypatch.setattr(kfac_module, "_rotate", full_basis)
+    for lam in (1e-4, 0.3, 10.0):
+        m = torch.kron(gg, a) + lam * torch.eye(a.shape[0] * gg.shape[0], dtype=torch.float64)
+        want = torch.empty_like(r)
+        want[idx] = torch.linalg.solve(m, r[idx])
+        # R/γ minus a correction of the same size: rounding is relative to the largest entry
+        torch.testing.assert_close(
+            kfac.inverse(lam)(r), want, rtol=1e-9, atol=1e-12 * float(want.abs().max())
+        )
+
+
+def test_low_rank_inverse_drops_only_directions_below_the_tolerance() -> None:
+    """Tiny but nonzero eigenvalues are treated as 0: off from the exact inverse by ≤ tol, relatively."""
+    from toolkit.optim.kfac import _LOW_RANK_TOL, _eigen_inverse
+
+    g = torch.Generator().manual_seed(6)
+    qa, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    qg, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))
+    eig_a = torch.tensor([2.0, 1.0, 0.5] + [1e-9] * 9, dtype=torch.float64)  # kept: 3 of 12
+    eig_g = torch.tensor([3.0, 1.0, 0.2, 0.1, 1e-3, 1e-10, 0.0], dtype=torch.float64)  # kept: 5 of 7 (no cut)
+    gamma = 1e-3
+    a = qa @ torch.diag(eig_a) @ qa.T
+    gg = qg @ torch.diag(eig_g) @ qg.T
+    mat = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(torch.kron(gg, a) + gamma * torch.eye(84, dtype=torch.float64), mat.reshape(-1))
+    got = _eigen_inverse(eig_a, qa, eig_g, qg, gamma)(mat).reshape(-1)
+    # every dropped direction's scale 1/(g a + γ) became 1/γ: g a ≤ 3e-9 ≪ tol·γ
+    assert float((got - want).norm() / want.norm()) <= _LOW_RANK_TOL
+    assert float((got - want).norm() / want.norm()) > 0  # the truncation did happen
