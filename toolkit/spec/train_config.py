@@ -5,7 +5,7 @@ Validated with the rest of the spec at load time and used by `toolkit.train`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -88,6 +88,11 @@ class OptimizerConfig(StrictModel):
         default=None, ge=0.0, le=1.0, description="exponent of the diagonal preconditioner"
     )
     kfac_every: int | None = Field(default=None, ge=1, description="outer steps between K-FAC estimates")
+    kfac_samples: Annotated[int, Field(strict=True, ge=1)] | Literal["exact"] | None = Field(
+        default=None,
+        description="Monte-Carlo draws per example for K-FAC's output factor G, or exact "
+        "(one backward pass per model output); default: the optimizer's",
+    )
     adaptive_cg: bool | None = Field(
         default=None, description="CG cap that starts small and grows when CG runs into it"
     )
