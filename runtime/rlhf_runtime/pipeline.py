@@ -259,7 +259,9 @@ class Pipeline:
 
         ``utilisation``: the share of the wall time each stage spent running requests;
         ``cpu_share``: CPU seconds / wall seconds while running (below 1 when other processes took
-        the core); ``busy_s_per_request``: each stage's wall seconds per request.
+        the core; on calls of tens of microseconds the thread-CPU and wall clocks of a loaded VM
+        disagree by that much, so it can read above 1 there); ``busy_s_per_request``: each stage's
+        wall seconds per request.
         """
         wall = (self._t_last - self._t0) if self._t0 is not None else 0.0
         lat = np.asarray(self.latencies) * 1e3
