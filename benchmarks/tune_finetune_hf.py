@@ -92,7 +92,16 @@ def main() -> int:
         help="count the budget in process CPU seconds / threads (default), not wall seconds",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "finetune_hf_tuning.md")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite --out from its .json (pass the run's other options, for the command line)",
+    )
     args = ap.parse_args()
+    if args.report_only:
+        args.out.write_text(_markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
+        print(f"wrote {args.out}")
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
@@ -140,21 +149,33 @@ def main() -> int:
            "runs": runs, "chosen": chosen["name"], "total_seconds": time.perf_counter() - t_all}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    m = doc["machine"]
+    args.out.write_text(_markdown(doc, args))
+    print(f"chosen {chosen['name']}; wrote {args.out} (+ .json)", flush=True)
+    return 0
+
+
+def _markdown(doc: dict[str, Any], args: Any) -> str:
+    m, runs = doc["machine"], doc["runs"]
+    chosen = next(r for r in runs if r["name"] == doc["chosen"])
     lines = [
-        f"# Hessian-free step settings for fine-tuning MiniLM's {args.trainable} + head, chosen on validation",
+        f"# Hessian-free step settings for fine-tuning MiniLM's {doc['trainable']} + head, chosen on validation",
         "",
-        f"Written by `python benchmarks/tune_finetune_hf.py --trainable {args.trainable} --budget {args.budget:g} "
-        f"--l2-sp {args.l2_sp:g} --step-seconds {args.step_seconds}"
-        f"{'' if args.candidates is None else f' --candidates {args.candidates}'}`; {doc['total_seconds']:.0f} s in all (wall); the budget counted on "
-        f"{'the CPU clock (process CPU seconds / threads)' if args.cpu_clock else 'the wall clock'}. Machine: {m['platform']}, {m['cpus']} CPUs "
-        f"shared with other jobs, torch threads {args.threads}, load average {m['loadavg_start'][0]:.1f} at the start, "
-        f"{m['loadavg_end'][0]:.1f} at the end. Each candidate: one run of {args.budget:g} s of training from the same "
-        f"start and data order, L2-SP {args.l2_sp:g}, scored on validation about every {args.eval_seconds:g} s of "
-        "training; test accuracy is not computed. Three candidates, as AdamW gets three learning rates.",
+        f"Written by `python benchmarks/tune_finetune_hf.py --trainable {doc['trainable']} "
+        f"--budget {doc['budget_seconds_per_run']:g} --l2-sp {doc['l2_sp']:g} --step-seconds {args.step_seconds}"
+        f"{'' if args.eval_seconds == 8.0 else f' --eval-seconds {args.eval_seconds:g}'}"
+        f"{'' if args.candidates is None else f' --candidates {args.candidates}'}`; {doc['total_seconds']:.0f} s in all "
+        f"(wall); the budget counted on "
+        f"{'the CPU clock (process CPU seconds / threads)' if doc['budget_clock'] != 'wall' else 'the wall clock'}. "
+        f"Machine: {m['platform']}, {m['cpus']} CPUs shared with other jobs, torch threads {m['torch_threads']}, load "
+        f"average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end. Each candidate: one "
+        f"run of {doc['budget_seconds_per_run']:g} s of training from the same start and data order, L2-SP "
+        f"{doc['l2_sp']:g}, scored on validation every `eval_every` steps (set from a rough guess of its seconds per "
+        "step; the evaluations column says how many it got: the best of more evaluations of a noisy curve is "
+        f"optimistic); test accuracy is not computed. {len(runs)} candidate(s); AdamW gets three learning rates.",
         "",
-        "| candidate | preconditioner | minibatch | curvature batch | CG ≤ | best val | steps | s/step | s to best |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| candidate | preconditioner | minibatch | curvature batch | CG ≤ | best val | steps | s/step | s to best "
+        "| eval_every | evaluations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         c = r["config"]
@@ -166,11 +187,10 @@ def main() -> int:
         )
         lines.append(f"| {r['name']}{mark} | {pre} "
                      f"| {c['batch_size']} | {c['curvature_batch']} | {c['cg_max_iters']} | {r['best_val_accuracy']:.4f} | "
-                     f"{r['steps']} | {r['seconds_per_step']:.2f} | {r['seconds_to_best']:.0f} |")  # fmt: skip
+                     f"{r['steps']} | {r['seconds_per_step']:.2f} | {r['seconds_to_best']:.0f} | {c['eval_every']} | "
+                     f"{r['evaluations']} |")  # fmt: skip
     lines.append("")
-    args.out.write_text("\n".join(lines))
-    print(f"chosen {chosen['name']}; wrote {args.out} (+ .json)", flush=True)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
