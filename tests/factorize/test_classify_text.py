@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -303,8 +304,8 @@ def test_fit_config_hessian_free_settings_reach_the_optimizer() -> None:
     plain = HessianFree(model, torch.nn.functional.cross_entropy)  # the optimizer's own defaults
     default = _optimizer(model, FitConfig())
     assert {k: default.defaults[k] for k in keys} == {k: plain.defaults[k] for k in keys}
-    chosen = {"preconditioner": "diagonal", "kfac_every": 7, "kfac_samples": "exact", "line_search": False,
-              "warm_start": 0.5}  # fmt: skip
+    chosen: dict[str, Any] = {"preconditioner": "diagonal", "kfac_every": 7, "kfac_samples": "exact",
+                              "line_search": False, "warm_start": 0.5}  # fmt: skip
     opt = _optimizer(model, FitConfig(cg_max_iters=4, **chosen))
     assert {k: opt.defaults[k] for k in keys} == chosen and opt.defaults["cg_max_iters"] == 4
     assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
