@@ -210,7 +210,16 @@ def main() -> int:
         "FitConfig fields 'key=value,key=value' over 'old' (repeatable; default old and bench)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "finetune_profile.md")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite --out from its .json (pass the run's other options, for the command line)",
+    )
     args = ap.parse_args()
+    if args.report_only:
+        args.out.write_text(_markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
+        print(f"wrote {args.out}")
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
@@ -252,25 +261,25 @@ def _markdown(doc: dict[str, Any], args: Any) -> str:
         f"Written by `python benchmarks/profile_finetune_step.py --trainable {doc['trainable']} --steps {args.steps}"
         f"{''.join(f' --config {c}' for c in args.config or [])}`. Machine: {m['platform']}, {m['cpus']} CPUs "
         f"shared with other jobs, torch threads {m['torch_threads']}, load average {m['loadavg_start'][0]:.1f} at the "
-        f"start, {m['loadavg_end'][0]:.1f} at the end. Minibatch 512 (length-bucketed, trimmed), curvature "
-        "sub-batch 64, ≤10 CG iterations; seconds per step, averaged over the steps (a K-FAC refresh every "
+        f"start, {m['loadavg_end'][0]:.1f} at the end. Minibatches length-bucketed and trimmed, the curvature "
+        "sub-batch their first examples; seconds per step, averaged over the steps (a K-FAC refresh every "
         "`kfac_every` steps is spread over them).",
         "",
-        "| config | preconditioner | kfac_every | kfac_samples | line_search | "
+        "| config | minibatch | curvature batch | CG ≤ | preconditioner | kfac_every | kfac_samples | line_search | "
         + " | ".join(parts)
         + " | step | one evaluation | mean CG iters |",
-        "|---|---|---|---|---|" + "---|" * (len(parts) + 3),
+        "|---|---|---|---|---|---|---|---|" + "---|" * (len(parts) + 3),
     ]
     for name, r in doc["results"].items():
         c = r["config"]
         name = name.replace("|", "/")
         cg = sum(i["cg_iters"] for i in r["infos"]) / len(r["infos"])
-        lines.append(f"| {name} | {c['preconditioner']} | {c['kfac_every']} | {c['kfac_samples']} | {c['line_search']} | "
+        lines.append(f"| {name} | {c['batch_size']} | {c['curvature_batch']} | {c['cg_max_iters']} | {c['preconditioner']} | {c['kfac_every']} | {c['kfac_samples']} | {c['line_search']} | "
                      + " | ".join(f"{r['seconds_per_step'][k]:.2f}" for k in parts)
                      + f" | {r['step_seconds']:.2f} | {r['eval_seconds']:.1f} | {cg:.1f} |")  # fmt: skip
     lines += ["", "backtrack: forwards of the minibatch at CG iterates (Martens' backtracking); line_search: the "
               "Armijo search after it (F at α = 1 is reused); gradient_and_rest: the minibatch gradient (forward + "
-              "backward on 512 texts) and bookkeeping.", ""]  # fmt: skip
+              "backward on the minibatch) and bookkeeping.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
