@@ -45,9 +45,14 @@ from toolkit.factorize.hf import load_hf, mean_cosine, minilm_dir  # noqa: E402
 HF_GRID = [1e-4, 1e-3, 1e-2]
 # fine-tuning blocks: L2-SP (toward the pretrained weights; plain L2 on the zero-start head)
 L2SP_GRID = [1e-4, 1e-3, 1e-2]
-# Hessian-free through blocks; scored every 2nd step (~10 s of training apart, as often as AdamW's
+# Hessian-free through blocks: the step settings chosen on validation among three candidates by
+# benchmarks/tune_finetune_hf.py (docs/benchmarks/finetune_hf_tuning.md): minibatch 256, curvature
+# sub-batch 32, <=5 CG iterations, no preconditioner (over <=10 CG iterations K-FAC barely changed the
+# step and its refresh cost time: docs/benchmarks/finetune_profile.md), ~3x cheaper a step than the
+# former 512 / 64 / <=10 / K-FAC. Scored every 6th step (~10 s of training apart, as often as AdamW's
 # quarter epochs: scoring through a block costs seconds, and does not count against the budget)
-HF_FT = {"batch_size": 512, "curvature_batch": 64, "cg_max_iters": 10, "eval_every": 2}
+HF_FT: dict[str, Any] = {"batch_size": 256, "curvature_batch": 32, "cg_max_iters": 5, "preconditioner": "none",
+                         "eval_every": 6}  # fmt: skip
 BUCKET = 16  # length buckets: windows of 16 minibatches sorted by length (fine-tuning blocks)
 ADAMW_LRS = [1e-3, 3e-3, 1e-2]
 C_GRID = [0.1, 0.3, 1.0, 3.0, 10.0]
@@ -352,10 +357,9 @@ def _configs(args: Any, budget: float, n_train: int) -> tuple[FitConfig, str, li
     # minibatch and curvature sub-batch, fewer CG iterations; minibatches length-bucketed (the same
     # bucketing for every method) so that a minibatch is trimmed to little padding
     bucket = 0 if head else BUCKET
-    hf_cfg = FitConfig(optimizer="hf", batch_size=4096 if head else HF_FT["batch_size"],
-                       curvature_batch=1024 if head else HF_FT["curvature_batch"], max_steps=steps_cap,
-                       time_budget=budget, eval_every=1 if head else HF_FT["eval_every"], patience=PATIENCE,
-                       cg_max_iters=20 if head else HF_FT["cg_max_iters"], seed=0, bucket=bucket)  # fmt: skip
+    step: dict[str, Any] = {"batch_size": 4096, "curvature_batch": 1024, "cg_max_iters": 20, "eval_every": 1}
+    hf_cfg = FitConfig(optimizer="hf", max_steps=steps_cap, time_budget=budget, patience=PATIENCE, seed=0,
+                       bucket=bucket, **(step if head else HF_FT))  # fmt: skip
     hf_name, hf_grid = ("l2", HF_GRID) if head else ("l2_sp", L2SP_GRID)
     # AdamW: the standard recipe, linear warm-up (10%) and decay over 10 epochs of batch 32, wd 0.01
     # (fine-tuning blocks: over the epochs the budget allows)
@@ -365,6 +369,20 @@ def _configs(args: Any, budget: float, n_train: int) -> tuple[FitConfig, str, li
                          eval_every=max(1, n_train // 32 // 4), patience=PATIENCE, warmup=0.1,
                          weight_decay=0.01, seed=0, bucket=bucket)  # fmt: skip
     return hf_cfg, hf_name, hf_grid, adam_cfg, epochs
+
+
+def _precond(hf: dict[str, Any]) -> str:
+    """'K-FAC (16 draws, refreshed every 5 steps)' / 'nothing' / 'the ... diagonal' from a FitConfig dict
+    (reports written before these settings existed ran HessianFree's defaults: K-FAC, 16, 5)."""
+    kind, samples, every = (
+        hf.get("preconditioner", "kfac"),
+        hf.get("kfac_samples", 16),
+        hf.get("kfac_every", 5),
+    )
+    if kind == "kfac":
+        draws = "exact" if samples == "exact" else f"{samples} draws"
+        return f"K-FAC ({draws}, refreshed every {every} steps)"
+    return "nothing" if kind == "none" else "the squared-gradient diagonal"
 
 
 def _dense_only(args: Any, budget: float) -> int:
@@ -425,7 +443,9 @@ def _dense_only(args: Any, budget: float) -> int:
         "scoring is not counted in the budget), "
         f"**{budget:g} s of training per run**. Hessian-free: minibatch "
         f"{st['hf']['batch_size']}, curvature sub-batch {st['hf']['curvature_batch']}, ≤{st['hf']['cg_max_iters']} CG "
-        f"iterations, {hf_name} ∈ {hf_grid} chosen on validation. AdamW: batch 32, warm-up 10% then linear decay over "
+        f"iterations preconditioned by {_precond(st['hf'])} (the step settings chosen on validation by "
+        "`benchmarks/tune_finetune_hf.py`: docs/benchmarks/finetune_hf_tuning.md), "
+        f"{hf_name} ∈ {hf_grid} chosen on validation. AdamW: batch 32, warm-up 10% then linear decay over "
         f"{epochs:g} epoch(s) ({st['adamw']['max_steps']} steps), weight decay 0.01, lr ∈ {ADAMW_LRS} chosen on validation. "
         "Test figures at each run's best validation point; the gap on the whole training split.",
         "",
@@ -615,7 +635,7 @@ def _markdown(doc: dict[str, Any], args: Any) -> str:
         f"(patience {PATIENCE} evaluations: every Hessian-free step, every quarter epoch of AdamW), a budget of **{s['budget_seconds_per_run']:g} s of training per run** "
         "(evaluations not counted); test figures at each run's best validation point. "
         f"Hessian-free: minibatch {s['hf']['batch_size']}, curvature sub-batch {s['hf']['curvature_batch']}, "
-        f"≤{s['hf']['cg_max_iters']} CG iterations, {'L2-SP' if s.get('hf_setting') == 'l2_sp' else 'L2'} λ ∈ {s['hf_l2_grid']} chosen on validation. "
+        f"≤{s['hf']['cg_max_iters']} CG iterations preconditioned by {_precond(s['hf'])}, {'L2-SP' if s.get('hf_setting') == 'l2_sp' else 'L2'} λ ∈ {s['hf_l2_grid']} chosen on validation. "
         f"AdamW: batch {s['adamw']['batch_size']}, linear warm-up 10% then linear decay over {s['adamw']['max_steps']} steps "
         f"({s.get('adamw_epochs', 10):g} epochs), weight decay 0.01, lr ∈ {s['adamw_lrs']} chosen on validation. "
         f"Logistic regressions (scikit-learn): C ∈ {s['sklearn_C_grid']} chosen on validation. "

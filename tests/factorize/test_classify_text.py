@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -288,4 +289,75 @@ def test_cli_negative_bucket_exits_2_before_reading_anything(tmp_path: Path) -> 
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and "bucket" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_fit_config_hessian_free_settings_reach_the_optimizer() -> None:
+    from toolkit.factorize.classify_train import HF_PRECONDITIONERS, _optimizer
+    from toolkit.optim import HessianFree
+    from toolkit.optim.hessian_free import PRECONDITIONERS
+
+    assert set(HF_PRECONDITIONERS) == set(PRECONDITIONERS)
+    torch.manual_seed(0)
+    model = TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
+    keys = ("preconditioner", "kfac_every", "kfac_samples", "line_search", "warm_start")
+    plain = HessianFree(model, torch.nn.functional.cross_entropy)  # the optimizer's own defaults
+    default = _optimizer(model, FitConfig())
+    assert {k: default.defaults[k] for k in keys} == {k: plain.defaults[k] for k in keys}
+    chosen: dict[str, Any] = {"preconditioner": "diagonal", "kfac_every": 7, "kfac_samples": "exact",
+                              "line_search": False, "warm_start": 0.5}  # fmt: skip
+    opt = _optimizer(model, FitConfig(cg_max_iters=4, **chosen))
+    assert {k: opt.defaults[k] for k in keys} == chosen and opt.defaults["cg_max_iters"] == 4
+    assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+    assert _optimizer(model, FitConfig(kfac_samples=3)).defaults["kfac_samples"] == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"preconditioner": "kfc"}, "preconditioner: expected one of"),
+        ({"kfac_samples": 0}, "kfac_samples: expected a count >= 1 or 'exact'"),
+        ({"kfac_samples": "exakt"}, "kfac_samples: expected a count >= 1 or 'exact'"),
+        ({"kfac_samples": True}, "kfac_samples: expected a count >= 1 or 'exact'"),
+        ({"kfac_every": 0}, "kfac_every: expected an integer >= 1"),
+        ({"warm_start": 1.5}, "warm_start: expected a number in [0, 1]"),
+        ({"line_search": "no"}, "line_search: expected true or false"),
+    ],
+)
+def test_fit_config_rejects_bad_hessian_free_settings(change: dict, message: str) -> None:
+    from toolkit.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        FitConfig(**change).check()
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fit_with_exact_kfac_and_without_line_search_learns(tmp_path: Path) -> None:
+    train, val = _toy()
+    torch.manual_seed(0)
+    m = TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
+    cfg = FitConfig(batch_size=100, curvature_batch=50, max_steps=6, eval_every=2, patience=0, cg_max_iters=10,
+                    kfac_samples="exact", kfac_every=2, line_search=False, warm_start=0.0)  # fmt: skip
+    res = fit(m, train, val, cfg, tmp_path)
+    # the toy label is a noisy sign of x0 + 0.5 x1: chance is ~0.5, the Bayes classifier ~0.8
+    assert res.steps == 6 and res.history[-1]["train_loss"] < 0.6 < 0.65 < res.best_val_accuracy
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("--preconditioner", "kfc", "preconditioner"), ("--kfac-samples", "0", "kfac_samples"),
+     ("--kfac-samples", "many", "kfac_samples"), ("--kfac-every", "0", "kfac_every")],
+)  # fmt: skip
+def test_cli_bad_hessian_free_setting_exits_2_before_reading_anything(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    train = _csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
+    args = ["classify", str(minilm_dir()), "--train", str(train), "-o", str(tmp_path / "o"), option, value]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
     assert not (tmp_path / "o").exists()

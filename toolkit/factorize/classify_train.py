@@ -35,6 +35,7 @@ from toolkit.errors import InputError
 from toolkit.fsio import atomic_write_bytes
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+HF_PRECONDITIONERS = ("kfac", "diagonal", "none")  # as toolkit.optim.hessian_free.PRECONDITIONERS
 
 
 @dataclass
@@ -51,6 +52,11 @@ class FitConfig:
         patience: evaluations without validation improvement before stopping (0: never stop early).
         l2, l1, group_lasso, l2_sp: penalties (Hessian-free; AdamW uses ``weight_decay``).
         damping, cg_max_iters: Hessian-free settings.
+        preconditioner, kfac_every, kfac_samples, line_search, warm_start: Hessian-free settings passed
+            to ``toolkit.optim.HessianFree`` (the CG preconditioner "kfac" / "diagonal" / "none"; steps
+            between K-FAC refreshes; Monte-Carlo draws per example for K-FAC's G, or "exact": one
+            backward pass per class, exact and cheaper than draws for few classes; the Armijo line
+            search; the decay of the previous CG solution used as CG's start, 0 = off).
         lr, warmup, weight_decay: AdamW settings (warm-up as a fraction of max_steps).
         train_eval: training examples scored at each evaluation (the train curve, the gap).
         seed: data order.
@@ -74,6 +80,11 @@ class FitConfig:
     l2_sp: float = 0.0
     damping: float = 1.0
     cg_max_iters: int = 20
+    preconditioner: str = "kfac"
+    kfac_every: int = 5
+    kfac_samples: int | str = 16
+    line_search: bool = True
+    warm_start: float = 0.95
     lr: float = 1e-3
     warmup: float = 0.1
     weight_decay: float = 0.01
@@ -91,6 +102,7 @@ class FitConfig:
             "max_steps",
             "eval_every",
             "cg_max_iters",
+            "kfac_every",
             "train_eval",
         ):
             if int(getattr(self, name)) < 1:
@@ -98,6 +110,17 @@ class FitConfig:
         for name in ("l2", "l1", "group_lasso", "l2_sp", "weight_decay", "patience", "bucket"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if self.preconditioner not in HF_PRECONDITIONERS:
+            raise InputError(
+                f"preconditioner: expected one of {list(HF_PRECONDITIONERS)}, got {self.preconditioner!r}"
+            )
+        s = self.kfac_samples
+        if s != "exact" and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise InputError(f"kfac_samples: expected a count >= 1 or 'exact', got {s!r}")
+        if not isinstance(self.line_search, bool):
+            raise InputError(f"line_search: expected true or false, got {self.line_search!r}")
+        if not 0 <= self.warm_start <= 1:
+            raise InputError(f"warm_start: expected a number in [0, 1], got {self.warm_start!r}")
         if not (self.lr > 0 and self.damping > 0 and 0 <= self.warmup < 1):
             raise InputError(
                 f"lr, damping, warmup: expected > 0, > 0, in [0, 1), got {self.lr}, {self.damping}, {self.warmup}"
@@ -229,7 +252,8 @@ def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     return HessianFree(
         model, F.cross_entropy, params=params, l2=cfg.l2, l1=cfg.l1, group_lasso=cfg.group_lasso,
         l2_sp=cfg.l2_sp, damping=cfg.damping, cg_max_iters=cfg.cg_max_iters, cg_min_iters=min(5, cfg.cg_max_iters),
-        seed=cfg.seed,
+        preconditioner=cfg.preconditioner, kfac_every=cfg.kfac_every, kfac_samples=cfg.kfac_samples,
+        line_search=cfg.line_search, warm_start=cfg.warm_start, seed=cfg.seed,
     )  # fmt: skip
 
 
