@@ -483,7 +483,7 @@ def plot(results: dict[str, list[Trace]], path: Path, budget: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 7.5))
+    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 7.5), squeeze=False)
     for col, (pname, traces) in enumerate(results.items()):
         for tr in traces:
             if tr.name.startswith("HF ") and tr.name not in ("HF defaults", "HF preconditioner=none"):
