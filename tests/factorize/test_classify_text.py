@@ -293,11 +293,9 @@ def test_cli_negative_bucket_exits_2_before_reading_anything(tmp_path: Path) -> 
 
 
 def test_fit_config_hessian_free_settings_reach_the_optimizer() -> None:
-    from toolkit.factorize.classify_train import HF_PRECONDITIONERS, _optimizer
+    from toolkit.factorize.classify_train import _optimizer
     from toolkit.optim import HessianFree
-    from toolkit.optim.hessian_free import PRECONDITIONERS
 
-    assert set(HF_PRECONDITIONERS) == set(PRECONDITIONERS)
     torch.manual_seed(0)
     model = TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
     keys = ("preconditioner", "kfac_every", "kfac_samples", "line_search", "warm_start")

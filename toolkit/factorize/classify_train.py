@@ -33,9 +33,9 @@ from torch import nn
 
 from toolkit.errors import InputError
 from toolkit.fsio import atomic_write_bytes
+from toolkit.optim.hessian_free import PRECONDITIONERS as HF_PRECONDITIONERS
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
-HF_PRECONDITIONERS = ("kfac", "diagonal", "none")  # as toolkit.optim.hessian_free.PRECONDITIONERS
 
 
 @dataclass
