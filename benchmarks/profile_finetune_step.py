@@ -101,8 +101,27 @@ def _instrument(timer: Timer) -> None:
     _CURRENT.append(timer)
 
 
-def _prepared(trainable: str, cache: Path) -> Any:
+def add_report_only(ap: argparse.ArgumentParser) -> None:
+    """The --report-only option of this script and of tune_finetune_hf.py."""
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite --out from its .json (pass the run's other options, for the command line)",
+    )
+
+
+def rewrite_report(args: argparse.Namespace, markdown: Callable[[dict[str, Any], Any], str]) -> bool:
+    """With --report-only: rewrite ``args.out`` from the .json beside it and say so (True)."""
+    if not args.report_only:
+        return False
+    args.out.write_text(markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
+    print(f"wrote {args.out}")
+    return True
+
+
+def _prepared(trainable: str) -> Any:
     """The bench's PreparedModel for ``trainable``; the cached features are kept under runs/."""
+    cache = ROOT / "runs" / "profile-cache" / f"{trainable.replace(':', '')}.pt"
     dense, tok = load_hf(minilm_dir())
     splits, _ = _splits(False, 64, tok)
     if cache.is_file():
@@ -210,22 +229,14 @@ def main() -> int:
         "FitConfig fields 'key=value,key=value' over 'old' (repeatable; default old and bench)",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "finetune_profile.md")
-    ap.add_argument(
-        "--report-only",
-        action="store_true",
-        help="rewrite --out from its .json (pass the run's other options, for the command line)",
-    )
+    add_report_only(ap)
     args = ap.parse_args()
-    if args.report_only:
-        args.out.write_text(_markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
-        print(f"wrote {args.out}")
+    if rewrite_report(args, _markdown):
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
-    prep = _prepared(
-        args.trainable, ROOT / "runs" / "profile-cache" / f"{args.trainable.replace(':', '')}.pt"
-    )
+    prep = _prepared(args.trainable)
     base = FitConfig(
         optimizer="hf", batch_size=512, curvature_batch=64, cg_max_iters=10, seed=0, bucket=BUCKET
     )

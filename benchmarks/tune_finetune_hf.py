@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from bench_finetune import BUCKET  # noqa: E402
-from profile_finetune_step import _prepared  # noqa: E402
+from profile_finetune_step import _prepared, add_report_only, rewrite_report  # noqa: E402
 
 from toolkit.factorize.classify_train import FitConfig, fit, trainable_params  # noqa: E402
 
@@ -92,22 +92,16 @@ def main() -> int:
         help="count the budget in process CPU seconds / threads (default), not wall seconds",
     )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "finetune_hf_tuning.md")
-    ap.add_argument(
-        "--report-only",
-        action="store_true",
-        help="rewrite --out from its .json (pass the run's other options, for the command line)",
-    )
+    add_report_only(ap)
     args = ap.parse_args()
-    if args.report_only:
-        args.out.write_text(_markdown(json.loads(args.out.with_suffix(".json").read_text()), args))
-        print(f"wrote {args.out}")
+    if rewrite_report(args, _markdown):
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
     t_all = time.perf_counter()
     tag = args.trainable.replace(":", "")
-    prep = _prepared(args.trainable, ROOT / "runs" / "profile-cache" / f"{tag}.pt")
+    prep = _prepared(args.trainable)
     model = prep.train_model
     start = {n: p.detach().clone() for n, p in trainable_params(model).items()}
     work = ROOT / "runs" / f"tune-finetune-hf-{tag}"
