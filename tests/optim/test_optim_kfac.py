@@ -147,17 +147,24 @@ def test_coupled_outputs_beyond_the_limit_are_refused() -> None:
         KFAC(model, flat.params, flat.offsets, samples=1).factors((x,), loss)
 
 
-@pytest.mark.parametrize("mode", ["eigen", "pi"])
-def test_inverse_matches_dense_solve(mode: str) -> None:
-    g = torch.Generator().manual_seed(4)
+def _one_linear_exact(seed: int, n_in: int, n_out: int, n: int):
+    """K-FAC (exact) of one float64 Linear on n random examples: (kfac, A, G, a random r, the block's θ indices)."""
+    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3)).double()
-    x = torch.randn(10, 4, generator=g, dtype=torch.float64)
-    t = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(n_in, n_out)).double()
+    x = torch.randn(n, n_in, generator=g, dtype=torch.float64)
+    t = torch.randn(n, n_out, generator=g, dtype=torch.float64)
     flat = FlatParams(model, list(model.parameters()))
     kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
     kfac.update((x,), lambda z: sum_squared(z, t))
     ((a, gg),) = kfac.factors((x,), lambda z: sum_squared(z, t))
+    r = torch.randn(flat.numel, generator=g, dtype=torch.float64)
+    return kfac, a, gg, r, block_index(kfac.blocks[0])
+
+
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
+def test_inverse_matches_dense_solve(mode: str) -> None:
+    kfac, a, gg, r, idx = _one_linear_exact(4, 4, 3, 10)
     lam = 0.3
     if mode == "eigen":
         m = torch.kron(gg, a) + lam * torch.eye(a.shape[0] * gg.shape[0], dtype=torch.float64)
@@ -166,8 +173,6 @@ def test_inverse_matches_dense_solve(mode: str) -> None:
         ia = torch.eye(a.shape[0], dtype=torch.float64)
         ig = torch.eye(gg.shape[0], dtype=torch.float64)
         m = torch.kron(gg + math.sqrt(lam) / pi * ig, a + pi * math.sqrt(lam) * ia)
-    r = torch.randn(flat.numel, generator=g, dtype=torch.float64)
-    idx = block_index(kfac.blocks[0])
     want = torch.empty_like(r)
     want[idx] = torch.linalg.solve(m, r[idx])
     torch.testing.assert_close(kfac.inverse(lam, mode=mode)(r), want, rtol=1e-9, atol=1e-12)
@@ -341,16 +346,7 @@ def test_inverse_on_a_layer_wider_than_the_batch_is_the_dense_solve(monkeypatch)
     def full_basis(*args):  # the low-rank path must not fall back on the full eigenbases
         raise AssertionError("full-basis path taken")
 
-    g = torch.Generator().manual_seed(5)
-    model = nn.Sequential(nn.Linear(40, 5)).double()
-    x = torch.randn(6, 40, generator=g, dtype=torch.float64)
-    t = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    flat = FlatParams(model, list(model.parameters()))
-    kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
-    kfac.update((x,), lambda z: sum_squared(z, t))
-    ((a, gg),) = kfac.factors((x,), lambda z: sum_squared(z, t))
-    r = torch.randn(flat.numel, generator=g, dtype=torch.float64)
-    idx = block_index(kfac.blocks[0])
+    kfac, a, gg, r, idx = _one_linear_exact(5, 40, 5, 6)
     monkeypatch.setattr(kfac_module, "_rotate", full_basis)
     for lam in (1e-4, 0.3, 10.0):
         m = torch.kron(gg, a) + lam * torch.eye(a.shape[0] * gg.shape[0], dtype=torch.float64)
