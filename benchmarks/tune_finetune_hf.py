@@ -42,7 +42,7 @@ from profile_finetune_step import _prepared, add_report_only, rewrite_report  # 
 
 from toolkit.factorize.classify_train import FitConfig, fit, trainable_params  # noqa: E402
 
-# (name, FitConfig fields, measured seconds per step on a quiet machine: sets eval_every)
+# (name, FitConfig fields); --step-seconds gives each one's rough seconds per step (sets eval_every)
 CANDIDATES: list[tuple[str, dict[str, Any]]] = [
     ("kfac16-512-64-cg10", {"batch_size": 512, "curvature_batch": 64, "cg_max_iters": 10}),  # the old HF_FT
     (
