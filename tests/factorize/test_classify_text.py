@@ -120,11 +120,11 @@ def _toy(n: int = 300, d: int = 16, seed: int = 0):
     return ((x[:200], ones[:200]), y[:200]), ((x[200:], ones[200:]), y[200:])
 
 
-@pytest.mark.parametrize("optimizer", ["hf", "adamw"])
-def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, optimizer: str) -> None:
+@pytest.mark.parametrize(("optimizer", "average"), [("hf", 0.0), ("adamw", 0.0), ("hf", 0.8)])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, optimizer: str, average: float) -> None:
     train, val = _toy()
     cfg = FitConfig(optimizer=optimizer, batch_size=64, curvature_batch=16, max_steps=12, eval_every=2,
-                    patience=0, l2=1e-3, lr=0.05, cg_max_iters=5)  # fmt: skip
+                    patience=0, l2=1e-3, lr=0.05, cg_max_iters=5, average=average)  # fmt: skip
 
     def model() -> TopClassifier:
         torch.manual_seed(0)
@@ -149,6 +149,33 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path: Path, optimizer: s
     assert len(lines) >= 6 and (tmp_path / "b" / "curves.png").stat().st_size > 0
     assert ref.best_val_accuracy == max(h["val_accuracy"] for h in ref.history)
     assert evaluate(whole, val)["accuracy"] == pytest.approx(ref.best_val_accuracy)  # best state loaded back
+
+
+@pytest.mark.parametrize("optimizer", ["hf", "adamw"])
+def test_iterate_average_is_what_is_scored_and_kept(tmp_path: Path, optimizer: str) -> None:
+    """The kept model is the exponential moving average of the iterates, recomputed here in float64
+    from the iterates the progress callback sees (ξ_k = min(1 − 1/k, ξ))."""
+    train, val = _toy()
+    xi, steps = 0.7, 6
+    cfg = FitConfig(optimizer=optimizer, batch_size=64, curvature_batch=16, max_steps=steps, eval_every=steps,
+                    patience=0, lr=0.05, cg_max_iters=5, average=xi)  # fmt: skip
+    torch.manual_seed(0)
+    m = TopClassifier(nn.ModuleList(), nn.Linear(16, 2))
+    iterates: list[torch.Tensor] = []
+
+    def record(*_: object) -> None:
+        iterates.append(m.head.weight.detach().double().clone())
+
+    res = fit(m, train, val, cfg, tmp_path, progress=record)
+    # one evaluation, at the last step: the state kept
+    assert len(iterates) == steps and len(res.history) == 1
+    avg = iterates[0]
+    for k, theta in enumerate(iterates[1:], start=2):
+        decay = min(1 - 1 / k, xi)
+        avg = decay * avg + (1 - decay) * theta
+    torch.testing.assert_close(m.head.weight.double(), avg, rtol=1e-5, atol=1e-6)
+    assert float((iterates[-1] - avg).abs().max()) > 1e-3  # the average is not the last iterate
+    assert evaluate(m, val)["accuracy"] == pytest.approx(res.best_val_accuracy)
 
 
 def test_early_stopping_stops(tmp_path: Path) -> None:
@@ -320,6 +347,7 @@ def test_fit_config_hessian_free_settings_reach_the_optimizer() -> None:
         ({"kfac_every": 0}, "kfac_every: expected an integer >= 1"),
         ({"warm_start": 1.5}, "warm_start: expected a number in [0, 1]"),
         ({"line_search": "no"}, "line_search: expected true or false"),
+        ({"average": 1.0}, "average: expected a number in [0, 1)"),
     ],
 )
 def test_fit_config_rejects_bad_hessian_free_settings(change: dict, message: str) -> None:

@@ -70,6 +70,14 @@ P = click.Path(path_type=Path)
     help="Draws per example for K-FAC's G, or 'exact' (one backward pass per class: cheaper for few classes).",
 )
 @click.option("--kfac-every", type=int, default=5, show_default=True, help="Steps between K-FAC refreshes.")
+@click.option(
+    "--average",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Iterate averaging: decay of an exponential moving average of the trained weights, which is what "
+    "is scored and kept (e.g. 0.9; 0: off).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and data order.")
 @click.option(
     "--bucket",
@@ -93,7 +101,8 @@ def classify(
     label_column: str, out: Path, run_dir: Path | None, trainable: str, optimizer: str, steps: int,
     time_budget: float | None, batch_size: int, curvature_batch: int, eval_every: int, patience: int,
     l2: float, l1: float, group_lasso: float, l2_sp: float, lr: float, sweep: str | None, max_length: int,
-    cg_max_iters: int, preconditioner: str, kfac_samples: str, kfac_every: int, seed: int, bucket: int,
+    cg_max_iters: int, preconditioner: str, kfac_samples: str, kfac_every: int, average: float, seed: int,
+    bucket: int,
     onnx_: bool, overwrite: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Fine-tune a text classifier on SOURCE (a Hugging Face model directory, or one written by
@@ -130,7 +139,7 @@ def classify(
         optimizer=optimizer, batch_size=batch_size, curvature_batch=curvature_batch, max_steps=steps,
         time_budget=time_budget, eval_every=eval_every, patience=patience, l2=l2, l1=l1,
         group_lasso=group_lasso, l2_sp=l2_sp, lr=lr, cg_max_iters=cg_max_iters, seed=seed, bucket=bucket,
-        preconditioner=preconditioner, kfac_every=kfac_every,
+        preconditioner=preconditioner, kfac_every=kfac_every, average=average,
         kfac_samples=int(kfac_samples) if kfac_samples.strip().isdigit() else kfac_samples.strip(),
     )  # fmt: skip
     cfg.check()

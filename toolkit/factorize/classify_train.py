@@ -65,6 +65,11 @@ class FitConfig:
             minibatches, and the minibatches of the window are shuffled (0: plain shuffled order).
             Every text is still seen once an epoch; a minibatch is then trimmed to its longest
             text, so little of it is padding.
+        average: iterate averaging, the decay ξ of an exponential moving average of the trained
+            parameters, ``avg ← ξ_k avg + (1 − ξ_k) θ_k`` with ξ_k = min(1 − 1/k, ξ) at step k (the K-FAC
+            paper, Martens & Grosse 2015, averages its iterates so: it damps the step-to-step noise of a
+            stochastic second-order method); evaluations, the best checkpoint and the returned model use the average.
+            0: off (the iterate itself).
     """
 
     optimizer: str = "hf"
@@ -91,6 +96,7 @@ class FitConfig:
     train_eval: int = 2000
     seed: int = 0
     bucket: int = 0
+    average: float = 0.0
 
     def check(self) -> None:
         """Raises InputError on a setting out of range."""
@@ -119,6 +125,8 @@ class FitConfig:
             raise InputError(f"kfac_samples: expected a count >= 1 or 'exact', got {s!r}")
         if not isinstance(self.line_search, bool):
             raise InputError(f"line_search: expected true or false, got {self.line_search!r}")
+        if not 0 <= self.average < 1:
+            raise InputError(f"average: expected a number in [0, 1), got {self.average!r}")
         if not 0 <= self.warm_start <= 1:
             raise InputError(f"warm_start: expected a number in [0, 1], got {self.warm_start!r}")
         if not (self.lr > 0 and self.damping > 0 and 0 <= self.warmup < 1):
@@ -318,6 +326,8 @@ def fit(
     lengths = lengths_of(train)
     order, pos, step, elapsed = epoch_order(n, gen, cfg.batch_size, cfg.bucket, lengths), 0, 0, 0.0
     res = FitResult()
+    # the iterate average (FitConfig.average): None when off
+    avg = _param_copy(model) if cfg.average > 0 else None
     ckpt = run / "checkpoint.pt"
     settings = json.dumps({"config": asdict(cfg), "params": {k: list(p.shape) for k, p in trainable_params(model).items()},
                            "examples": n})  # fmt: skip
@@ -338,6 +348,8 @@ def fit(
             float(state["elapsed"]),
         )
         res = FitResult(**json.loads(state["result"]))
+        if "average" in state:
+            avg = state["average"]
     sub = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 1))[: cfg.train_eval]
     train_sub = _take(train, sub)
     bad = sum(1 for _ in _since_best(res))
@@ -376,10 +388,13 @@ def fit(
             opt.step()
         step += 1
         done_here += 1
+        if avg is not None:
+            _update_average(avg, model, min(1.0 - 1.0 / step, cfg.average))
         elapsed += time.perf_counter() - t0
         # the last step before the time budget runs out is scored too
         out_of_time = cfg.time_budget is not None and elapsed >= cfg.time_budget
         if step % cfg.eval_every == 0 or step >= cfg.max_steps or out_of_time:
+            current = _swap_in(model, avg)  # score (and keep) the average when averaging
             v, t = evaluate(model, val), evaluate(model, train_sub)
             last = {"step": step, "seconds": elapsed, "train_accuracy": t["accuracy"], "train_loss": t["loss"],
                     "val_accuracy": v["accuracy"], "val_macro_f1": v["macro_f1"], "val_loss": v["loss"]}  # fmt: skip
@@ -392,11 +407,12 @@ def fit(
                 bad = 0
             else:
                 bad += 1
+            _swap_in(model, current)
             with (run / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
             res.steps, res.seconds = step, elapsed
             state = {
-                "params": {k: p.detach().clone() for k, p in trainable_params(model).items()},
+                "params": _param_copy(model), **({"average": avg} if avg is not None else {}),
                 "optimizer": opt.state_dict(), "rng": gen.get_state(), "order": order, "pos": pos,
                 "step": step, "elapsed": elapsed, "result": json.dumps(asdict(res)), "settings": settings,
             }  # fmt: skip
@@ -404,6 +420,7 @@ def fit(
         if progress is not None:
             progress(step, cfg.max_steps, last)
     res.steps, res.seconds = step, elapsed
+    _swap_in(model, avg)  # without a best checkpoint the model returned is the average
     if (run / "best.safetensors").is_file():
         load_params(model, run / "best.safetensors")
     if res.history:
@@ -422,3 +439,24 @@ def load_params_from(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for n, p in trainable_params(model).items():
             p.copy_(tensors[n])
+
+
+def _param_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the trainable parameters, name -> tensor."""
+    return {n: p.detach().clone() for n, p in trainable_params(model).items()}
+
+
+@torch.no_grad()
+def _update_average(avg: dict[str, torch.Tensor], model: nn.Module, decay: float) -> None:
+    """avg ← decay · avg + (1 − decay) · θ, in place."""
+    for n, p in trainable_params(model).items():
+        avg[n].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+
+def _swap_in(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Load ``tensors`` into the trainable parameters and return what they held (None: no change)."""
+    if tensors is None:
+        return None
+    held = _param_copy(model)
+    load_params_from(model, tensors)
+    return held
