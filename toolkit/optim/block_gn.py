@@ -18,16 +18,17 @@ then has ≤ 6 rows per example instead of K. The dropped part changes B_l by at
 relative to its largest eigenvalue, below the rounding of a float32 model's Jacobians.
 
 With R rows in U and P = out·(in+1) parameters, (B_l + λI)⁻¹ v is solved exactly in float64 by the
-smaller of two Cholesky factorizations:
+cheaper of two Cholesky factorizations (``_route``):
 
 - R < P (Woodbury, "kernel"): (Uᵀ U + λI)⁻¹ v = (v − Uᵀ (U Uᵀ + λI)⁻¹ U v) / λ, where the R × R
   kernel U Uᵀ has entries (m_ρ · m_σ)(ā_i(ρ) · ā_i(σ));
-- otherwise ("block"): the P × P block Uᵀ U + λI itself.
+- "block": the P × P block Σ_i (M_iᵀ M_i) ⊗ (ā_i ā_iᵀ) + λI itself.
 
-The cost of a refresh is one backward pass per model output plus a Cholesky of min(R, P)³/3 per
-block; ``max_rows`` refuses blocks beyond it (a bound computed before the backward passes, from
-R ≤ N·min(K, out)) instead of running for hours: the CURVES autoencoder (784 outputs) has blocks of
-min(R, P) = 20,200 to 94,080. The model's output must be (N, K); the loss's Hessian must be formable
+The cost of a refresh is one backward pass per model output plus, per block, the cheaper of
+R²(out + d) + R³/3 and N·P² + P³/3 flops; ``max_rows`` refuses a model whose blocks could need a
+factorization beyond it (checked before the backward passes, on the bound min(N·min(K, out), P),
+so a block that the compression would bring under it is refused too) instead of running for hours:
+the CURVES autoencoder (784 outputs) has blocks of min(R, P) up to 94,080. The model's output must be (N, K); the loss's Hessian must be formable
 by ``kfac._output_sqrt_hessians`` (squared errors, binary or softmax cross-entropy with K ≤ 256).
 
 Parameters outside every linear block have no block: B is 0 there and the map is r ↦ r / λ.
@@ -44,27 +45,33 @@ from torch import nn
 
 from toolkit.optim.kfac import _Block, _output_sqrt_hessians, block_forward, blockwise, linear_blocks
 
-_CHUNK_ROWS = 2048  # rows of U held at once while forming a P × P block
-
 
 @dataclass
 class _BlockData:
-    """One block's curvature data: inputs ā_i and the compressed rows m_ρ with their examples."""
+    """One block's curvature data: inputs ā_i, the compressed rows m_ρ with their examples, the route."""
 
     block: _Block
     acts: torch.Tensor  # (N, d), d = in + 1 with a bias, float64
-    rows: torch.Tensor  # (R, out), float64
+    rows: torch.Tensor  # (R, out), float64, grouped by example in increasing order
     example: torch.Tensor  # (R,) the example i(ρ) of each row
-
-    @property
-    def route(self) -> str:
-        """The factorization: Woodbury on the R × R kernel when R < P ("kernel"), else the P × P "block"."""
-        return "kernel" if len(self.rows) < self.block.out_features * self.acts.shape[1] else "block"
+    route: str = "kernel"  # "kernel" (Woodbury, R × R) or "block" (P × P)
 
     @property
     def size(self) -> int:
-        """The order of the Cholesky factorization the exact solve needs, min(R, P)."""
-        return min(len(self.rows), self.block.out_features * self.acts.shape[1])
+        """The order of the Cholesky factorization of its route: R or P."""
+        return len(self.rows) if self.route == "kernel" else self.block.out_features * self.acts.shape[1]
+
+
+def _route(n: int, d: int, out_f: int, r: int, max_rows: int) -> str:
+    """The cheaper factorization (flops to form and factorize) whose order is at most ``max_rows``.
+
+    Kernel: R²(out + d) to form, R³/3 to factorize; block: N·P² to form (Σ_i C_i ⊗ ā_i ā_iᵀ as one
+    product), P³/3 to factorize.
+    """
+    p = out_f * d
+    cost = {"kernel": r * r * (out_f + d) + r**3 / 3, "block": n * p * p + p**3 / 3}
+    allowed = [k for k, order in (("kernel", r), ("block", p)) if order <= max_rows] or ["kernel", "block"]
+    return min(allowed, key=lambda k: cost[k])
 
 
 def _compress(m: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +83,14 @@ def _compress(m: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]
     return rows, example
 
 
+def _cholesky_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ)⁻¹ rhs by two triangular solves (torch.cholesky_solve is ~10x slower on one column)."""
+    half = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.T, half, upper=True)
+
+
 def _inverse_of(data: _BlockData, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """V ↦ (B_l + λI)⁻¹ V on the (out, d) matrix V, by the smaller factorization (module docstring)."""
+    """V ↦ (B_l + λI)⁻¹ V on the (out, d) matrix V, by the block's route (module docstring)."""
     acts, rows, example = data.acts, data.rows, data.example
     n, d = acts.shape
     out_f = rows.shape[1]
@@ -89,19 +102,19 @@ def _inverse_of(data: _BlockData, damping: float) -> Callable[[torch.Tensor], to
         def kernel_solve(v: torch.Tensor) -> torch.Tensor:
             y = acts @ v.T  # (N, out)
             uv = (rows * y[example]).sum(1, keepdim=True)  # (R, 1): U v
-            w = torch.cholesky_solve(uv, chol)  # (R, 1)
+            w = _cholesky_solve(chol, uv)  # (R, 1)
             per_example = torch.zeros(n, out_f, dtype=acts.dtype, device=acts.device)
             per_example.index_add_(0, example, rows * w)  # (N, out)
             return (v - per_example.T @ acts) / damping  # (out, d)
 
         return lambda v: kernel_solve(v.to(acts.dtype))
-    block = damping * eye(out_f * d)
-    for start in range(0, len(rows), _CHUNK_ROWS):
-        part = slice(start, start + _CHUNK_ROWS)
-        u = (rows[part].unsqueeze(2) * acts[example[part]].unsqueeze(1)).reshape(-1, out_f * d)  # (r, P)
-        block += u.T @ u
-    chol = torch.linalg.cholesky(block)
-    return lambda v: torch.cholesky_solve(v.to(acts.dtype).reshape(-1, 1), chol).view(out_f, d)
+    counts = torch.bincount(example, minlength=n).tolist()
+    c = torch.stack([m.T @ m for m in rows.split(counts)])  # (N, out, out): C_i = M_iᵀ M_i
+    x = acts.unsqueeze(2) * acts.unsqueeze(1)  # (N, d, d): ā_i ā_iᵀ
+    block = (c.reshape(n, -1).T @ x.reshape(n, -1)).view(out_f, out_f, d, d)  # [o, o', j, j']
+    block = block.permute(0, 2, 1, 3).reshape(out_f * d, out_f * d)  # [(o, j), (o', j')]: [W b] row-major
+    chol = torch.linalg.cholesky(block + damping * eye(out_f * d))
+    return lambda v: _cholesky_solve(chol, v.to(acts.dtype).reshape(-1, 1)).view(out_f, d)
 
 
 class BlockGaussNewton:
@@ -153,15 +166,17 @@ class BlockGaussNewton:
         if z.dim() != 2:
             raise ValueError(f"BlockGaussNewton: expected model outputs (N, K), got {tuple(z.shape)}")
         n, k_out = z.shape
-        for i, blk in enumerate(self.blocks):
-            d = blk.in_features + (blk.bias is not None)
-            bound = min(n * min(k_out, blk.out_features), blk.out_features * d)
-            if bound > self.max_rows:
-                raise ValueError(
-                    f"BlockGaussNewton: block {i} ({blk.out_features}x{d}) needs a factorization of order up "
-                    f"to {bound} (N={n} examples x min(K={k_out}, out={blk.out_features}) rows, "
-                    f"{blk.out_features * d} parameters), expected at most max_rows={self.max_rows}"
-                )
+        bounds = {i: min(n * min(k_out, blk.out_features), blk.out_features * (blk.in_features + (blk.bias is not None)))
+                  for i, blk in enumerate(self.blocks)}  # fmt: skip
+        over = {i: b for i, b in bounds.items() if b > self.max_rows}
+        if over:
+            listed = ", ".join(
+                f"block {i} ({self.blocks[i].out_features} outputs) up to {b}" for i, b in over.items()
+            )
+            raise ValueError(
+                f"BlockGaussNewton: expected factorizations of order at most max_rows={self.max_rows}, got {listed} "
+                f"(min(N·min(K, out), parameters) with N={n} examples, K={k_out} model outputs)"
+            )
         live = [k for k in range(len(self.blocks)) if k in outs and outs[k].requires_grad]
         ws = _output_sqrt_hessians(loss_of_outputs, z, "exact", None) if live else []
         cols: dict[int, list[torch.Tensor]] = {k: [] for k in live}
@@ -182,7 +197,8 @@ class BlockGaussNewton:
             else:  # not on this batch's path: no curvature
                 rows = torch.zeros(0, blk.out_features, dtype=torch.float64, device=a.device)
                 example = torch.zeros(0, dtype=torch.long, device=a.device)
-            self.data.append(_BlockData(blk, a, rows, example))
+            route = _route(n, a.shape[1], blk.out_features, len(rows), self.max_rows)
+            self.data.append(_BlockData(blk, a, rows, example, route))
 
     def inverse(self, damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
         """r ↦ (B + λI)⁻¹ r, factorizing every block (float64 inside, r's dtype outside).
