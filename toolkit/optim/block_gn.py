@@ -1,8 +1,9 @@
-"""The exact layer-block Gauss-Newton preconditioner: the bound for what K-FAC can reach.
+"""The exact layer-block Gauss-Newton preconditioner: the reference K-FAC approximates.
 
 K-FAC (``toolkit.optim.kfac``) approximates each diagonal block of the Gauss-Newton matrix by a
 Kronecker product. This module inverts the same blocks exactly (block-Jacobi), as a reference: the
-iterations CG needs with it bound from below what any approximation of those blocks can give.
+iterations CG needs with it are what a perfect approximation of those blocks gives (not a strict
+bound on every approximation: CG's count is not monotone in how good the approximation is).
 
 For a linear sublayer s = W a + b with inputs ā_i = [a_i; 1] (i = 1..N examples), K outputs z_i and
 the loss Hessian H_L = blockdiag(H_i) over the examples (a batch-mean loss), write S_i = H_i^½ and
@@ -14,13 +15,14 @@ of S over the whole batch). The block of (W, b), in the row-major order of the (
 
 Each M_i is first compressed to its nonzero singular directions (σ v for the singular pairs with
 σ > ``rank_rtol`` · the block's largest σ): a layer below a bottleneck (an autoencoder's 6-unit code)
-then has ≤ 6 rows per example instead of K. The dropped part changes B_l by at most N rank_rtol²
-relative to its largest eigenvalue, below the rounding of a float32 model's Jacobians.
+then has ≤ 6 rows per example instead of K. The dropped part changes B_l by at most
+N rank_rtol² σ_max² max_i ‖ā_i‖² (about N rank_rtol² relative to its largest eigenvalue), below the
+rounding of a float32 model's Jacobians.
 
 With R rows in U and P = out·(in+1) parameters, (B_l + λI)⁻¹ v is solved exactly in float64 by the
 cheaper of two Cholesky factorizations (``_route``):
 
-- R < P (Woodbury, "kernel"): (Uᵀ U + λI)⁻¹ v = (v − Uᵀ (U Uᵀ + λI)⁻¹ U v) / λ, where the R × R
+- "kernel" (Woodbury): (Uᵀ U + λI)⁻¹ v = (v − Uᵀ (U Uᵀ + λI)⁻¹ U v) / λ, where the R × R
   kernel U Uᵀ has entries (m_ρ · m_σ)(ā_i(ρ) · ā_i(σ));
 - "block": the P × P block Σ_i (M_iᵀ M_i) ⊗ (ā_i ā_iᵀ) + λI itself.
 
@@ -28,8 +30,9 @@ The cost of a refresh is one backward pass per model output plus, per block, the
 R²(out + d) + R³/3 and N·P² + P³/3 flops; ``max_rows`` refuses a model whose blocks could need a
 factorization beyond it (checked before the backward passes, on the bound min(N·min(K, out), P),
 so a block that the compression would bring under it is refused too) instead of running for hours:
-the CURVES autoencoder (784 outputs) has blocks of min(R, P) up to 94,080. The model's output must be (N, K); the loss's Hessian must be formable
-by ``kfac._output_sqrt_hessians`` (squared errors, binary or softmax cross-entropy with K ≤ 256).
+the CURVES autoencoder (784 outputs) has blocks of min(R, P) up to 94,080. The model's output
+must be (N, K); the loss's Hessian must be one ``kfac._output_sqrt_hessians`` can take the square
+root of (squared errors, binary cross-entropy, softmax cross-entropy with K ≤ 256).
 
 Parameters outside every linear block have no block: B is 0 there and the map is r ↦ r / λ.
 """
@@ -127,7 +130,8 @@ class BlockGaussNewton:
         model: the module.
         params: the optimized parameters in θ order.
         offsets: start of each parameter in θ (len(params) + 1 entries).
-        max_rows: the largest factorization allowed per block (min(R, P) ≤ max_rows).
+        max_rows: the largest factorization allowed per block: every block's bound
+            min(N·min(K, out), P) must be at most this.
         rank_rtol: singular values of a per-example M_i below rank_rtol · the block's largest are dropped.
 
     Raises:
