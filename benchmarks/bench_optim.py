@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.optim import HessianFree  # noqa: E402
 from toolkit.optim.block_gn import BlockGaussNewton  # noqa: E402
-from toolkit.optim.cg import conjugate_gradient  # noqa: E402
+from toolkit.optim.cg import CGResult, conjugate_gradient  # noqa: E402
 from toolkit.optim.curvature import curvature_operator  # noqa: E402
 from toolkit.optim.flat import FlatParams  # noqa: E402
 from toolkit.optim.kfac import KFAC  # noqa: E402
@@ -434,7 +434,9 @@ def cg_comparison(
             continue
         t_build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if name == EXACT:  # ~10x a GN product per apply: run only as far as both targets (q* of the others)
+        if (
+            name == EXACT
+        ):  # an apply costs 10-25 GN products: run only as far as both targets (q* of the others)
             q_others = min(min(r.q_history) for r, *_ in runs.values())
             res, n_run = _cg_to_targets(damped, -g, pre, max_iters, 1e-2, 0.99 * q_others)
         else:
@@ -464,7 +466,7 @@ def _cg_to_targets(
     max_iters: int,
     residual_tol: float,
     q_target: float,
-) -> tuple[Any, int]:
+) -> tuple[CGResult, int]:
     """Preconditioned CG as far as ‖r‖ ≤ ``residual_tol``·‖b‖ and q ≤ ``q_target`` (or ``max_iters``).
 
     The first run stops at the residual; if q has not reached its target by then, CG is rerun from 0
