@@ -96,6 +96,46 @@ def linear_blocks(model: nn.Module, params: Sequence[torch.Tensor], offsets: Seq
     return blocks
 
 
+def block_forward(
+    model: nn.Module, blocks: Sequence[_Block], inputs: tuple[Any, ...], who: str
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """One forward pass (with grad) recording every block's input and pre-activation output.
+
+    Args:
+        model: the module.
+        blocks: its linear blocks (``linear_blocks``).
+        inputs: the batch, ``model(*inputs)``.
+        who: the caller's name, for the error message.
+
+    Returns:
+        (inputs, outputs, z): block index ↦ the sublayer's input (detached) and its output (in the
+        graph), for the blocks on this batch's path; z the model's output.
+
+    Raises:
+        ValueError: the model returns more than one tensor.
+    """
+    acts: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+    for k, blk in enumerate(blocks):
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, k: int = k) -> None:
+            acts[k] = args[0].detach()
+            outs[k] = out
+
+        handles.append(blk.module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            z = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    leaves = tree_flatten(z)[0]
+    if len(leaves) != 1:
+        raise ValueError(f"{who}: expected a model with one output tensor, got {len(leaves)}")
+    return acts, outs, leaves[0]
+
+
 def _output_sqrt_hessians(
     loss_of_outputs: Callable[[torch.Tensor], torch.Tensor],
     z: torch.Tensor,
@@ -297,26 +337,7 @@ class KFAC:
         """
         if not self.blocks:
             return []
-        acts: dict[int, torch.Tensor] = {}
-        outs: dict[int, torch.Tensor] = {}
-        handles = []
-        for k, blk in enumerate(self.blocks):
-
-            def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, k: int = k) -> None:
-                acts[k] = args[0].detach()
-                outs[k] = out
-
-            handles.append(blk.module.register_forward_hook(hook))
-        try:
-            with torch.enable_grad():
-                z = self.model(*inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        leaves = tree_flatten(z)[0]
-        if len(leaves) != 1:
-            raise ValueError(f"K-FAC: expected a model with one output tensor, got {len(leaves)}")
-        z = leaves[0]
+        acts, outs, z = block_forward(self.model, self.blocks, inputs, "K-FAC")
         live = [k for k in range(len(self.blocks)) if k in outs and outs[k].requires_grad]
         ws = [] if not live else _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
         weight = 1.0 if self.samples == "exact" else 1.0 / max(len(ws), 1)
@@ -394,16 +415,32 @@ class KFAC:
             inv_g = 1.0 / (blk.eig_g + root / pi)  # (out,)
             plans.append((blk, _rotate(blk.vec_a, blk.vec_g, inv_g[:, None] * inv_a[None, :])))
 
-        def apply(r: torch.Tensor) -> torch.Tensor:
-            out = r.clone()
-            for blk, solve in plans:
-                mat = r[blk.weight].view(blk.out_features, blk.in_features)
-                if blk.bias is not None:
-                    mat = torch.cat([mat, r[blk.bias].view(-1, 1)], dim=1)  # (out, in+1)
-                res = solve(mat)
-                out[blk.weight] = res[:, : blk.in_features].reshape(-1)
-                if blk.bias is not None:
-                    out[blk.bias] = res[:, -1]
-            return out
+        return blockwise(plans)
 
-        return apply
+
+def blockwise(
+    plans: Sequence[tuple[_Block, Callable[[torch.Tensor], torch.Tensor]]], outside: float = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """r ↦ M⁻¹ r applied block by block on the (out, in [+1]) matrices [W b] of the blocks.
+
+    Args:
+        plans: (block, map of its (out, in [+1]) matrix) pairs.
+        outside: the factor applied to the coordinates outside every block (1: left as they are).
+
+    Returns:
+        The map (P,) -> (P,).
+    """
+
+    def apply(r: torch.Tensor) -> torch.Tensor:
+        out = r.clone() if outside == 1.0 else r * outside
+        for blk, solve in plans:
+            mat = r[blk.weight].view(blk.out_features, blk.in_features)
+            if blk.bias is not None:
+                mat = torch.cat([mat, r[blk.bias].view(-1, 1)], dim=1)  # (out, in+1)
+            res = solve(mat)
+            out[blk.weight] = res[:, : blk.in_features].reshape(-1)
+            if blk.bias is not None:
+                out[blk.bias] = res[:, -1]
+        return out
+
+    return apply
