@@ -50,9 +50,12 @@ L2SP_GRID = [1e-4, 1e-3, 1e-2]
 # sub-batch 32, <=5 CG iterations, no preconditioner (over <=10 CG iterations K-FAC barely changed the
 # step and its refresh cost time: docs/benchmarks/finetune_profile.md), ~3x cheaper a step than the
 # former 512 / 64 / <=10 / K-FAC. Scored every 6th step (~10 s of training apart, as often as AdamW's
-# quarter epochs: scoring through a block costs seconds, and does not count against the budget)
+# quarter epochs: scoring through a block costs seconds, and does not count against the budget).
+# Iterate averaging with decay 0.9 (FitConfig.average), chosen on validation for each method by
+# tune_finetune_hf.py (docs/benchmarks/finetune_averaging.md): it raised Hessian-free's best validation
+# accuracy, not AdamW's, so AdamW keeps the standard recipe without it
 HF_FT: dict[str, Any] = {"batch_size": 256, "curvature_batch": 32, "cg_max_iters": 5, "preconditioner": "none",
-                         "eval_every": 6}  # fmt: skip
+                         "eval_every": 6, "average": 0.9}  # fmt: skip
 BUCKET = 16  # length buckets: windows of 16 minibatches sorted by length (fine-tuning blocks)
 ADAMW_LRS = [1e-3, 3e-3, 1e-2]
 C_GRID = [0.1, 0.3, 1.0, 3.0, 10.0]
@@ -385,6 +388,16 @@ def _precond(hf: dict[str, Any]) -> str:
     return "nothing" if kind == "none" else "the squared-gradient diagonal"
 
 
+def _averaging(cfg: dict[str, Any]) -> str:
+    """', iterates averaged (decay 0.9; what is scored and kept)' from a FitConfig dict, or ''."""
+    xi = cfg.get("average", 0.0)
+    return (
+        f", iterates averaged (exponential moving average, decay {xi:g}; the average is scored and kept)"
+        if xi
+        else ""
+    )
+
+
 def _dense_only(args: Any, budget: float) -> int:
     """Hessian-free (+ its grid) and AdamW (3 lr) on the dense MiniLM's ``--trainable`` top, and TF-IDF."""
     torch.set_num_threads(args.threads)
@@ -443,8 +456,10 @@ def _dense_only(args: Any, budget: float) -> int:
         "scoring is not counted in the budget), "
         f"**{budget:g} s of training per run**. Hessian-free: minibatch "
         f"{st['hf']['batch_size']}, curvature sub-batch {st['hf']['curvature_batch']}, ≤{st['hf']['cg_max_iters']} CG "
-        f"iterations preconditioned by {_precond(st['hf'])} (the step settings chosen on validation by "
-        "`benchmarks/tune_finetune_hf.py`: docs/benchmarks/finetune_hf_tuning.md), "
+        f"iterations preconditioned by {_precond(st['hf'])}"
+        f"{_averaging(st['hf'])} (the step settings chosen on validation by "
+        "`benchmarks/tune_finetune_hf.py`: docs/benchmarks/finetune_hf_tuning.md"
+        f"{', finetune_averaging.md' if st['hf'].get('average') else ''}), "
         f"{hf_name} ∈ {hf_grid} chosen on validation. AdamW: batch 32, warm-up 10% then linear decay over "
         f"{epochs:g} epoch(s) ({st['adamw']['max_steps']} steps), weight decay 0.01, lr ∈ {ADAMW_LRS} chosen on validation. "
         "Test figures at each run's best validation point; the gap on the whole training split.",
@@ -635,7 +650,7 @@ def _markdown(doc: dict[str, Any], args: Any) -> str:
         f"(patience {PATIENCE} evaluations: every Hessian-free step, every quarter epoch of AdamW), a budget of **{s['budget_seconds_per_run']:g} s of training per run** "
         "(evaluations not counted); test figures at each run's best validation point. "
         f"Hessian-free: minibatch {s['hf']['batch_size']}, curvature sub-batch {s['hf']['curvature_batch']}, "
-        f"≤{s['hf']['cg_max_iters']} CG iterations preconditioned by {_precond(s['hf'])}, {'L2-SP' if s.get('hf_setting') == 'l2_sp' else 'L2'} λ ∈ {s['hf_l2_grid']} chosen on validation. "
+        f"≤{s['hf']['cg_max_iters']} CG iterations preconditioned by {_precond(s['hf'])}{_averaging(s['hf'])}, {'L2-SP' if s.get('hf_setting') == 'l2_sp' else 'L2'} λ ∈ {s['hf_l2_grid']} chosen on validation. "
         f"AdamW: batch {s['adamw']['batch_size']}, linear warm-up 10% then linear decay over {s['adamw']['max_steps']} steps "
         f"({s.get('adamw_epochs', 10):g} epochs), weight decay 0.01, lr ∈ {s['adamw_lrs']} chosen on validation. "
         f"Logistic regressions (scikit-learn): C ∈ {s['sklearn_C_grid']} chosen on validation. "

@@ -67,9 +67,9 @@ CANDIDATES: list[tuple[str, str, dict[str, Any]]] = [
         {"batch_size": 256, "curvature_batch": 32, "cg_max_iters": 5, "preconditioner": "none"},
     ),
     # iterate averaging, for both methods (the bench's own step settings)
-    ("hf", "hf", {k: v for k, v in HF_FT.items() if k != "eval_every"}),
+    ("hf", "hf", {**{k: v for k, v in HF_FT.items() if k != "eval_every"}, "average": 0.0}),
     ("hf-avg0.9", "hf", {**{k: v for k, v in HF_FT.items() if k != "eval_every"}, "average": 0.9}),
-    ("adamw", "adamw", {}),
+    ("adamw", "adamw", {"average": 0.0}),
     ("adamw-avg0.9", "adamw", {"average": 0.9}),
 ]
 DEFAULT_CANDIDATES = ("kfac16-512-64-cg10", "none-512-32-cg10", "none-256-32-cg5")
