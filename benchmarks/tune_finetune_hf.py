@@ -1,7 +1,8 @@
-"""Choose the Hessian-free step settings of the fine-tuning bench on validation accuracy.
+"""Choose the Hessian-free step settings (and each method's iterate averaging) of the fine-tuning bench
+on validation accuracy.
 
     python benchmarks/tune_finetune_hf.py [--trainable last:1] [--budget 60] [--l2-sp 0.01]
-        [--out docs/benchmarks/finetune_hf_tuning.md]
+        [--candidates NAME,...] [--hf-steps N] [--out docs/benchmarks/finetune_hf_tuning.md]
 
 Three candidate step settings (as many runs as AdamW's three learning rates), each one ``fit`` run
 from the same start, data order and ``--budget`` seconds of training on the bench's cached features,
