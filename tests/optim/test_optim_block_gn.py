@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_optim_kfac import block_index, dense_ggn, sum_squared
+from test_optim_kfac import LOSSES, block_index, dense_ggn, single_linear, sum_squared
 from torch import nn
 
 from toolkit.layers import FactorizedLinear
@@ -35,10 +34,7 @@ def _tiny_net() -> nn.Module:
     ).double()  # fmt: skip
 
 
-LOSSES = {
-    "sum_squared": (sum_squared, lambda g, n: torch.randn(n, 3, generator=g, dtype=torch.float64)),
-    "cross_entropy": (F.cross_entropy, lambda g, n: torch.randint(0, 3, (n,), generator=g)),
-}
+LOSS_NAMES = ["sum_squared", "cross_entropy"]  # of test_optim_kfac.LOSSES
 
 
 def _reference(model: nn.Module, x: torch.Tensor, loss, blocks, lam: float) -> torch.Tensor:
@@ -51,7 +47,7 @@ def _reference(model: nn.Module, x: torch.Tensor, loss, blocks, lam: float) -> t
     return b + lam * torch.eye(flat.numel, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_inverse_is_the_dense_solve_of_the_gn_blocks(loss_name: str) -> None:
     g = torch.Generator().manual_seed(3)
     loss_fn, make_t = LOSSES[loss_name]
@@ -89,22 +85,17 @@ def test_rows_below_a_bottleneck_are_compressed_exactly() -> None:
     torch.testing.assert_close(pre.inverse(0.01)(r), torch.linalg.solve(m, r), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("loss_name", list(LOSSES))
+@pytest.mark.parametrize("loss_name", LOSS_NAMES)
 def test_one_block_preconditioned_cg_converges_in_one_iteration(loss_name: str) -> None:
     """A single Linear: the block is the whole GN matrix, so PCG with its exact inverse takes 1 step."""
-    g = torch.Generator().manual_seed(7)
-    loss_fn, make_t = LOSSES[loss_name]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3)).double()
-    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
-    t = make_t(g, 9)
+    model, x, loss = single_linear(loss_name, seed=7, n=9)
     flat = FlatParams(model, list(model.parameters()))
     theta = flat.flatten()
-    op = curvature_operator(flat.function((x,)), lambda z: loss_fn(z, t), theta, "ggn")
+    op = curvature_operator(flat.function((x,)), loss, theta, "ggn")
     lam = 1e-3
     pre = BlockGaussNewton(model, flat.params, flat.offsets)
-    pre.update((x,), lambda z: loss_fn(z, t))
-    b = torch.randn(flat.numel, generator=g, dtype=torch.float64)
+    pre.update((x,), loss)
+    b = torch.randn(flat.numel, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     res = conjugate_gradient(
         lambda v: op(v) + lam * v, b, preconditioner=pre.inverse(lam), max_iters=5, tol=0, residual_tol=1e-10
     )

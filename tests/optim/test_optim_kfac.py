@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -53,17 +54,23 @@ LOSSES = {
 }
 
 
-@pytest.mark.parametrize("loss_name", list(LOSSES))
-def test_single_linear_one_example_is_exact(loss_name: str) -> None:
-    g = torch.Generator().manual_seed(1)
+def single_linear(loss_name: str, seed: int, n: int) -> tuple[nn.Module, torch.Tensor, Callable]:
+    """A float64 Linear(4, 3), ``n`` random inputs and the loss of ``LOSSES[loss_name]`` on random targets."""
+    g = torch.Generator().manual_seed(seed)
     loss_fn, make_t = LOSSES[loss_name]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3)).double()
-    x = torch.randn(1, 4, generator=g, dtype=torch.float64)
-    t = make_t(g, 1)
-    ref, flat = dense_ggn(model, x, lambda z: loss_fn(z, t))
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    t = make_t(g, n)
+    return model, x, lambda z: loss_fn(z, t)
+
+
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_single_linear_one_example_is_exact(loss_name: str) -> None:
+    model, x, loss = single_linear(loss_name, seed=1, n=1)
+    ref, flat = dense_ggn(model, x, loss)
     kfac = KFAC(model, flat.params, flat.offsets, samples="exact")
-    ((a, gg),) = kfac.factors((x,), lambda z: loss_fn(z, t))
+    ((a, gg),) = kfac.factors((x,), loss)
     idx = block_index(kfac.blocks[0])
     torch.testing.assert_close(torch.kron(gg, a), ref[idx][:, idx], rtol=1e-10, atol=1e-12)
 
