@@ -39,7 +39,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from toolkit.data import text as T  # noqa: E402
 from toolkit.factorize.classify import TextSplits, prepare_model, text_encoder_of  # noqa: E402
-from toolkit.factorize.classify_train import FitConfig, evaluate, fit, trainable_params  # noqa: E402
+from toolkit.factorize.classify_train import (  # noqa: E402
+    FitConfig,
+    evaluate,
+    fit,
+    load_params_from,
+    param_copy,
+    trainable_params,
+)
 from toolkit.factorize.hf import load_hf, mean_cosine, minilm_dir  # noqa: E402
 
 HF_GRID = [1e-4, 1e-3, 1e-2]
@@ -109,12 +116,10 @@ def _grid(
     prepared: Any, base: FitConfig, name: str, values: list[float], tag: str, work: Path
 ) -> dict[str, Any]:
     """One run per value from the same start; the chosen one by validation."""
-    start = {n: p.detach().clone() for n, p in trainable_params(prepared.train_model).items()}
+    start = param_copy(prepared.train_model)
     runs = []
     for v in values:
-        with torch.no_grad():
-            for n, p in trainable_params(prepared.train_model).items():
-                p.copy_(start[n])
+        load_params_from(prepared.train_model, start)
         change: dict[str, Any] = {name: v}
         r = _run(prepared, dataclasses.replace(base, **change), work / f"{tag}-{name}={v:g}")
         r["setting"], r["value"] = name, v

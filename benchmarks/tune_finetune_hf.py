@@ -46,7 +46,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from bench_finetune import BUCKET, HF_FT, _configs  # noqa: E402
 from profile_finetune_step import _prepared, add_report_only, rewrite_report  # noqa: E402
 
-from toolkit.factorize.classify_train import FitConfig, fit, trainable_params  # noqa: E402
+from toolkit.factorize.classify_train import FitConfig, fit, load_params_from, param_copy  # noqa: E402
 
 # (name, method, FitConfig fields): "hf" runs on the tuner's Hessian-free config (L2-SP --l2-sp), "adamw"
 # on the bench's AdamW recipe; --step-seconds gives each Hessian-free one's rough seconds per step
@@ -135,7 +135,7 @@ def main() -> int:
     tag = args.trainable.replace(":", "")
     prep = _prepared(args.trainable)
     model = prep.train_model
-    start = {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    start = param_copy(model)
     work = ROOT / "runs" / f"tune-finetune-hf-{tag}"
     if work.exists():
         import shutil
@@ -155,9 +155,7 @@ def main() -> int:
         _cpu_clock(args.threads)
     runs: list[dict[str, Any]] = []
     for name, method, change in (c for c in CANDIDATES if c[0] in wanted):
-        with torch.no_grad():
-            for n, p in trainable_params(model).items():
-                p.copy_(start[n])
+        load_params_from(model, start)
         if method == "adamw":
             cfg = dataclasses.replace(adamw, **change)
         else:

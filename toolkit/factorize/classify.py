@@ -419,18 +419,16 @@ def run_sweep(
     """
     import dataclasses
 
-    from toolkit.factorize.classify_train import evaluate, fit, load_params, trainable_params
+    from toolkit.factorize.classify_train import evaluate, fit, load_params, load_params_from, param_copy
 
     run = Path(run_dir)
     model = prepared.train_model
-    start = {n: p.detach().clone() for n, p in trainable_params(model).items()}
+    start = param_copy(model)
     name, grid = sweep if sweep is not None else ("", [math.nan])
     rows = []
     for value in grid:
         sub = run / f"{name}={value:g}" if sweep is not None else run
-        with torch.no_grad():
-            for n, p in trainable_params(model).items():
-                p.copy_(start[n])
+        load_params_from(model, start)
         c = dataclasses.replace(cfg, **({name: value} if sweep is not None else {}))
         res = fit(model, prepared.data["train"], prepared.data["val"], c, sub, progress=progress)
         row: dict[str, Any] = {"setting": name, "value": value, "dir": str(sub), "best_val_accuracy": res.best_val_accuracy,

@@ -327,7 +327,7 @@ def fit(
     order, pos, step, elapsed = epoch_order(n, gen, cfg.batch_size, cfg.bucket, lengths), 0, 0, 0.0
     res = FitResult()
     # the iterate average (FitConfig.average): None when off
-    avg = _param_copy(model) if cfg.average > 0 else None
+    avg = param_copy(model) if cfg.average > 0 else None
     ckpt = run / "checkpoint.pt"
     settings = json.dumps({"config": asdict(cfg), "params": {k: list(p.shape) for k, p in trainable_params(model).items()},
                            "examples": n})  # fmt: skip
@@ -412,7 +412,7 @@ def fit(
                 fh.write(json.dumps(last) + "\n")
             res.steps, res.seconds = step, elapsed
             state = {
-                "params": _param_copy(model), **({"average": avg} if avg is not None else {}),
+                "params": param_copy(model), **({"average": avg} if avg is not None else {}),
                 "optimizer": opt.state_dict(), "rng": gen.get_state(), "order": order, "pos": pos,
                 "step": step, "elapsed": elapsed, "result": json.dumps(asdict(res)), "settings": settings,
             }  # fmt: skip
@@ -441,7 +441,7 @@ def load_params_from(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
             p.copy_(tensors[n])
 
 
-def _param_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+def param_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the trainable parameters, name -> tensor."""
     return {n: p.detach().clone() for n, p in trainable_params(model).items()}
 
@@ -457,6 +457,6 @@ def _swap_in(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> dict[
     """Load ``tensors`` into the trainable parameters and return what they held (None: no change)."""
     if tensors is None:
         return None
-    held = _param_copy(model)
+    held = param_copy(model)
     load_params_from(model, tensors)
     return held
