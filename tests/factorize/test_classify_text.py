@@ -372,7 +372,7 @@ def test_fit_with_exact_kfac_and_without_line_search_learns(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [("--preconditioner", "kfc", "preconditioner"), ("--kfac-samples", "0", "kfac_samples"),
-     ("--kfac-samples", "many", "kfac_samples"), ("--kfac-every", "0", "kfac_every")],
+     ("--kfac-samples", "many", "kfac_samples"), ("--kfac-every", "0", "kfac_every"), ("--average", "1", "average")],
 )  # fmt: skip
 def test_cli_bad_hessian_free_setting_exits_2_before_reading_anything(
     tmp_path: Path, option: str, value: str, message: str
