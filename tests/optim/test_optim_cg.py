@@ -76,3 +76,24 @@ def test_histories_match_the_kept_iterates(warm: bool) -> None:
         want_q = float(0.5 * x @ a @ x - b @ x)
         assert res.q_history[i] == pytest.approx(want_q, rel=1e-9, abs=1e-12)
         assert res.residual_history[i] == pytest.approx(float((b - a @ x).norm()), rel=1e-6, abs=1e-12)
+
+
+def test_stop_predicate_ends_cg_where_it_says_with_the_same_iterates() -> None:
+    """``stop`` sees (i, q, ‖r‖) of every iteration; stopping at i is a run capped at i (same x, same histories)."""
+    a = _spd(40, 1e4, 3)
+    b = torch.randn(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    full = conjugate_gradient(lambda v: a @ v, b, max_iters=60, tol=0.0, residual_tol=0.0)
+    seen: list[tuple[int, float, float]] = []
+
+    def stop(i: int, q: float, r: float) -> bool:
+        seen.append((i, q, r))
+        return i == 17
+
+    part = conjugate_gradient(lambda v: a @ v, b, max_iters=60, tol=0.0, residual_tol=0.0, stop=stop)
+    assert (part.reason, part.iters) == ("stopped", 17)
+    assert [i for i, _, _ in seen] == list(range(1, 18))
+    assert [q for _, q, _ in seen] == full.q_history[1:18]
+    assert [r for _, _, r in seen] == full.residual_history[1:18]
+    capped = conjugate_gradient(lambda v: a @ v, b, max_iters=17, tol=0.0, residual_tol=0.0)
+    torch.testing.assert_close(part.x, capped.x, rtol=0, atol=0)
+    assert [i for i, *_ in part.iterates] == [i for i, *_ in capped.iterates]

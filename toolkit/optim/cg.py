@@ -7,7 +7,8 @@ symmetric positive definite map r ↦ M⁻¹ r (e.g. Kronecker-factored blocks, 
 - q is tracked for free: q(x) = -½ xᵀ(b + r) with the residual r = b - A x;
 - stop after iteration i ≥ min_iters when q(x_i) < 0 and
   (q(x_i) - q(x_{i-k})) / q(x_i) < k·tol with k = max(10, ⌈0.1 i⌉) (relative progress stalls);
-- stop at max_iters, on non-positive (or non-finite) curvature pᵀA p ≤ 0, or once ‖r‖ ≤ residual_tol·‖b‖;
+- stop at max_iters, on non-positive (or non-finite) curvature pᵀA p ≤ 0, once ‖r‖ ≤ residual_tol·‖b‖,
+  or when the caller's ``stop(i, q(x_i), ‖r_i‖)`` says so;
 - warm start from x0; if q(x0) > 0 the warm start is dropped and CG starts from 0;
 - iterates at i = ⌈γ^j⌉ (γ = 1.3) and the last one are kept, for backtracking by the caller.
 """
@@ -31,7 +32,8 @@ class CGResult:
         x: the last iterate (P,).
         iterates: kept iterates as (iteration, x, q(x)), increasing iteration, the last one included.
         iters: iterations run (curvature-vector products, the warm-start product excluded).
-        reason: why CG stopped: "progress", "max_iters", "nonpositive_curvature", "converged".
+        reason: why CG stopped: "progress", "max_iters", "nonpositive_curvature", "converged",
+            "stopped" (the caller's ``stop``).
         q_history: q(x_i) for every iteration i = 0..iters (q(x_0) = 0 without a warm start).
         residual_history: ‖r_i‖ = ‖b - A x_i‖ (as CG updates it) for i = 0..iters.
     """
@@ -65,6 +67,7 @@ def conjugate_gradient(
     tol: float = 5e-4,
     grid: float = 1.3,
     residual_tol: float = 1e-10,
+    stop: Callable[[int, float, float], bool] | None = None,
 ) -> CGResult:
     """Solve A x = b approximately with preconditioned CG (see the module docstring).
 
@@ -79,6 +82,7 @@ def conjugate_gradient(
         tol: ε of the relative-progress rule; 0 disables it.
         grid: ratio γ > 1 of the geometric grid of kept iterates.
         residual_tol: stop ("converged") once ‖r‖ ≤ residual_tol·‖b‖.
+        stop: (i, q(x_i), ‖r_i‖) ↦ whether to stop ("stopped") after iteration i; None: never.
 
     Returns:
         A CGResult.
@@ -139,6 +143,9 @@ def conjugate_gradient(
         result.residual_history.append(r_norm)
         if i in keep:
             result.iterates.append((i, x.clone(), q))
+        if stop is not None and stop(i, q, r_norm):
+            result.reason = "stopped"
+            break
         k = max(10, math.ceil(0.1 * i))
         if tol > 0 and i >= min_iters and i > k and q < 0 and (q - qs[i - k]) / q < k * tol:
             result.reason = "progress"
