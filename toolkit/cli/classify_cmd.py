@@ -61,7 +61,7 @@ P = click.Path(path_type=Path)
     "--preconditioner",
     default="kfac",
     show_default=True,
-    help="Hessian-free CG preconditioner: kfac | diagonal | none.",
+    help="Hessian-free CG preconditioner: kfac | ekfac | nystrom | diagonal | none.",
 )
 @click.option(
     "--kfac-samples",

@@ -53,7 +53,7 @@ class FitConfig:
         l2, l1, group_lasso, l2_sp: penalties (Hessian-free; AdamW uses ``weight_decay``).
         damping, cg_max_iters: Hessian-free settings.
         preconditioner, kfac_every, kfac_samples, line_search, warm_start: Hessian-free settings passed
-            to ``toolkit.optim.HessianFree`` (the CG preconditioner "kfac" / "diagonal" / "none"; steps
+            to ``toolkit.optim.HessianFree`` (the CG preconditioner "kfac" / "ekfac" / "nystrom" / "diagonal" / "none"; steps
             between K-FAC refreshes; Monte-Carlo draws per example for K-FAC's G, or "exact": one
             backward pass per class, exact and cheaper than draws for few classes; the Armijo line
             search; the decay of the previous CG solution used as CG's start, 0 = off).

@@ -10,8 +10,10 @@ One outer step at θ, on a gradient batch (inputs, targets) and a curvature batc
    grid. Preconditioner (``preconditioner``): "diagonal" (Martens: M = (d + λ + d_R)^α with d the
    mean squared per-example gradient), "kfac" (damped Kronecker-factored blocks of the linear
    sublayers, re-estimated every ``kfac_every`` steps on the curvature batch from ``kfac_samples``
-   draws per example; ``toolkit.optim.kfac``)
-   or "none". Adaptive budgets (``toolkit.optim.budgets``): the CG cap can start small and grow when
+   draws per example; ``toolkit.optim.kfac``), "ekfac" (the same eigenbases with the blocks' own
+   second moments as eigenvalues, George et al. 2018), "nystrom" (a rank-``nystrom_rank`` randomized
+   Nyström approximation of the whole undamped curvature, across layers, re-sketched every
+   ``kfac_every`` steps; ``toolkit.optim.nystrom``) or "none". Adaptive budgets (``toolkit.optim.budgets``): the CG cap can start small and grow when
    CG runs into it (``adaptive_cg``), and the curvature batch can grow as the gradient's sampling
    noise falls below its size (``adaptive_curvature``).
 4. Backtracking (Martens 2010): starting from the last iterate, step back along the grid while
@@ -53,12 +55,13 @@ from toolkit.optim.damping import LevenbergMarquardt, armijo, reduction_ratio
 from toolkit.optim.distributed import mean_across
 from toolkit.optim.flat import FlatParams
 from toolkit.optim.kfac import KFAC, KFAC_DAMPINGS
+from toolkit.optim.nystrom import Nystrom
 from toolkit.optim.preconditioner import preconditioner, squared_gradient_diagonal
 from toolkit.optim.regularizers import Regularizer
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _GLOBAL = "hessian_free"
-PRECONDITIONERS: tuple[str, ...] = ("none", "diagonal", "kfac")
+PRECONDITIONERS: tuple[str, ...] = ("none", "diagonal", "kfac", "ekfac", "nystrom")
 
 
 @dataclass
@@ -122,12 +125,14 @@ class HessianFree(torch.optim.Optimizer):
         damping: initial λ > 0.
         cg_max_iters, cg_min_iters: CG iteration cap and the minimum before the progress rule.
         cg_tol: ε of Martens' relative-progress rule.
-        preconditioner: "diagonal" (Martens), "kfac" (Kronecker-factored blocks) or "none".
+        preconditioner: "diagonal" (Martens), "kfac" (Kronecker-factored blocks), "ekfac"
+            (eigenvalue-corrected K-FAC), "nystrom" (randomized low-rank, across layers) or "none".
         preconditioner_alpha: α in [0, 1] of the diagonal preconditioner (0 disables it).
-        kfac_every: outer steps between K-FAC factor estimates.
+        kfac_every: outer steps between K-FAC factor estimates (or Nyström sketches).
         kfac_damping: "eigen" (exact inverse of the damped Kronecker block) or "pi" (π-damping).
         kfac_samples: Monte-Carlo draws per example for the K-FAC factor G (≥ 1), or "exact" (one
             backward pass per model output); see ``toolkit.optim.kfac.KFAC``.
+        nystrom_rank: curvature products per Nyström sketch (the rank of the approximation).
         adaptive_cg: start the CG cap at ``cg_initial_iters`` (at most ``cg_max_iters``) and grow it
             after steps that run into it; else the cap is ``cg_max_iters``.
         cg_initial_iters: the first CG cap with ``adaptive_cg``.
@@ -194,6 +199,7 @@ class HessianFree(torch.optim.Optimizer):
         min_damping: float = 1e-8,
         max_damping: float = 1e8,
         l2_sp: float = 0.0,
+        nystrom_rank: int = 150,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -211,6 +217,10 @@ class HessianFree(torch.optim.Optimizer):
             )
         if kfac_damping not in KFAC_DAMPINGS:
             raise InputError(f"kfac_damping: expected one of {list(KFAC_DAMPINGS)}, got {kfac_damping!r}")
+        if preconditioner == "ekfac" and kfac_damping != "eigen":
+            raise InputError(
+                "kfac_damping: 'pi' damps Kronecker factors; preconditioner 'ekfac' takes 'eigen'"
+            )
         if kfac_samples != "exact" and (
             isinstance(kfac_samples, bool) or not isinstance(kfac_samples, int) or kfac_samples < 1
         ):
@@ -230,6 +240,7 @@ class HessianFree(torch.optim.Optimizer):
             ("prune_threshold", prune_threshold, 0.0, math.inf, False),
             ("curvature_fraction", curvature_fraction, 0.0, 1.0, True),
             ("kfac_every", kfac_every, 1, math.inf, False),
+            ("nystrom_rank", nystrom_rank, 1, math.inf, False),
             ("cg_initial_iters", cg_initial_iters, 1, math.inf, False),
             ("curvature_max_fraction", curvature_max_fraction, curvature_fraction, 1.0, False),
             ("warm_start", warm_start, 0.0, 1.0, False),
@@ -257,7 +268,7 @@ class HessianFree(torch.optim.Optimizer):
             "preconditioner_examples": preconditioner_examples, "l2_sp": float(l2_sp),
             "preconditioner": preconditioner,
             "kfac_every": int(kfac_every), "kfac_damping": kfac_damping,
-            "kfac_samples": kfac_samples, "adaptive_cg": bool(adaptive_cg),
+            "kfac_samples": kfac_samples, "adaptive_cg": bool(adaptive_cg), "nystrom_rank": int(nystrom_rank),
             "cg_initial_iters": int(cg_initial_iters), "adaptive_curvature": bool(adaptive_curvature),
             "curvature_max_fraction": float(curvature_max_fraction),
         }  # fmt: skip
@@ -436,28 +447,53 @@ class HessianFree(torch.optim.Optimizer):
     ) -> KFAC:
         """The K-FAC blocks at θ, re-estimated every ``kfac_every`` steps (or when shapes changed)."""
         g = self._global()
-        kfac = KFAC(self.model, flat.params, flat.offsets, samples=self.defaults["kfac_samples"])
+        corrected = self.defaults["preconditioner"] == "ekfac"
+        kfac = KFAC(
+            self.model, flat.params, flat.offsets, samples=self.defaults["kfac_samples"], corrected=corrected
+        )
         kfac.generator = self._generator
         saved = g.get("kfac")
         fresh = (
             saved is not None
             and len(saved) == len(kfac.blocks)
             and all(
-                tuple(s[1].shape) == (b.in_features + (b.bias is not None),) * 2
+                len(s) == 4 + corrected
+                and tuple(s[1].shape) == (b.in_features + (b.bias is not None),) * 2
                 and tuple(s[3].shape) == (b.out_features,) * 2
                 for s, b in zip(saved, kfac.blocks)
             )
         )
         if fresh and g["step"] - int(g.get("kfac_step", -(10**9))) < self.defaults["kfac_every"]:
             assert saved is not None
-            for blk, (ea, va, eg, vg) in zip(kfac.blocks, saved):
+            for blk, (ea, va, eg, vg, *scale) in zip(kfac.blocks, saved):
                 blk.eig_a, blk.vec_a, blk.eig_g, blk.vec_g = ea, va, eg, vg
+                blk.scale = scale[0] if scale else None
             return kfac
         with torch.enable_grad():
             kfac.update(inputs, loss_of_outputs)
-        g["kfac"] = [[b.eig_a, b.vec_a, b.eig_g, b.vec_g] for b in kfac.blocks]
+        g["kfac"] = [
+            [b.eig_a, b.vec_a, b.eig_g, b.vec_g] + ([b.scale] if corrected else []) for b in kfac.blocks
+        ]
         g["kfac_step"] = int(g["step"])
         return kfac
+
+    def _nystrom(self, curvature: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> Nystrom:
+        """The Nyström sketch of the undamped curvature, re-taken every ``kfac_every`` steps (or on a new size)."""
+        g = self._global()
+        sketch = Nystrom(self.defaults["nystrom_rank"])
+        sketch.generator = self._generator
+        saved = g.get("nystrom")
+        if (
+            saved is not None
+            and saved[0].shape[0] == theta.numel()
+            and g["step"] - int(g.get("nystrom_step", -(10**9))) < self.defaults["kfac_every"]
+        ):
+            sketch.vectors, sketch.values = saved
+            return sketch
+        sketch.update(curvature, theta)
+        g["nystrom"] = [sketch.vectors, sketch.values]
+        g["nystrom_step"] = int(g["step"])
+        return sketch
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -560,12 +596,20 @@ class HessianFree(torch.optim.Optimizer):
 
         # 3. preconditioned CG from the warm start
         precond: Any = None
-        if hp["preconditioner"] == "kfac":
+        if hp["preconditioner"] in ("kfac", "ekfac"):
 
             def loss_of_outputs(z: Any) -> torch.Tensor:
                 return loss_fn(z, c_targets)
 
             precond = self._kfac(flat, c_inputs, loss_of_outputs).inverse(lam, reg.l2, hp["kfac_damping"])
+        elif hp["preconditioner"] == "nystrom":
+
+            def curvature(v: torch.Tensor) -> torch.Tensor:
+                with torch.enable_grad():
+                    cv = op(v)
+                return cv + reg.apply_curvature(pieces, v)
+
+            precond = self._nystrom(curvature, theta0).inverse(lam)
         elif hp["preconditioner"] == "diagonal" and hp["preconditioner_alpha"] > 0:
             k = hp["preconditioner_examples"]
             p_inputs, p_targets = c_inputs, c_targets

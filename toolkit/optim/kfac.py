@@ -33,6 +33,15 @@ block) and R = [r_W, r_b] reshaped (out, in + 1), two dampings:
   whose cross terms γ^½(π G ⊗ I + I ⊗ A/π) dwarf γ when γ is small, so it preconditions worse
   late in a run (measured in docs/benchmarks/optim.md).
 
+``corrected=True`` gives EKFAC (George et al. 2018): the eigenbases stay K-FAC's, but the
+Kronecker eigenvalues g aᵀ are replaced by the block's own second moments in that basis,
+
+    s = Σ_i E_w[(Q_Gᵀ g_i)²] ((Q_Aᵀ ā_i)²)ᵀ      (out, in [+1]),
+
+the diagonal of the Gauss-Newton block C_l rotated into Q_G ⊗ Q_A, which is the best diagonal
+there (in Frobenius norm); M_l⁻¹ r = Q_G [(Q_Gᵀ R Q_A) ⊘ (s + γ)] Q_Aᵀ. It costs one projection of
+the per-example rows onto the bases per refresh (the rows are kept until the bases are known).
+
 Parameters outside every linear block are left unpreconditioned (M = 1 there).
 """
 
@@ -69,6 +78,7 @@ class _Block:
     vec_a: torch.Tensor | None = None
     eig_g: torch.Tensor | None = None  # (out,)
     vec_g: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # EKFAC's corrected eigenvalues s (out, in [+1]); None: g aᵀ
 
 
 def linear_blocks(model: nn.Module, params: Sequence[torch.Tensor], offsets: Sequence[int]) -> list[_Block]:
@@ -254,35 +264,43 @@ def _rotate(
 
 
 def _eigen_inverse(
-    eig_a: torch.Tensor, vec_a: torch.Tensor, eig_g: torch.Tensor, vec_g: torch.Tensor, gamma: float
+    eig_a: torch.Tensor,
+    vec_a: torch.Tensor,
+    eig_g: torch.Tensor,
+    vec_g: torch.Tensor,
+    gamma: float,
+    scale: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """R ↦ (G ⊗ A + γ I)⁻¹ R, in the eigenbases restricted to where the Kronecker term matters.
+    """R ↦ (Q (S + γ I) Qᵀ)⁻¹ R with Q = Q_G ⊗ Q_A, restricted to where S matters.
 
-    (g aᵀ + γ)⁻¹ = 1/γ − g aᵀ / (γ (g aᵀ + γ)), and the second term vanishes in every eigen-direction
-    with g_i a_j ≪ γ. A's rank is at most the curvature batch (B examples), so on a layer wider than
-    B most of A's eigenvalues are zero: keeping only the a_j with a_j · max g ≥ tol · γ (and the g_i
-    with g_i · max a ≥ tol · γ) gives
+    S = diag(s), s = g aᵀ (K-FAC: the inverse of G ⊗ A + γ I) unless ``scale`` gives EKFAC's
+    corrected s (out, in [+1]). (s + γ)⁻¹ = 1/γ − s / (γ (s + γ)), and the second term vanishes in
+    every eigen-direction with s ≪ γ. A's rank is at most the curvature batch (B examples), so on a
+    layer wider than B most of A's eigenvalues are zero, and s is 0 in those columns (both for
+    g aᵀ and for EKFAC's s, whose column j sums the rows' squared projections on A's eigenvector
+    j). Keeping only the columns j with max_i s_ij ≥ tol · γ (and the rows i with max_j s_ij ≥ tol · γ)
+    gives
 
-        M⁻¹ R = R / γ − Q_G' [(Q_G'ᵀ R Q_A') ⊙ g' a'ᵀ / (γ (g' a'ᵀ + γ))] Q_A'ᵀ,
+        M⁻¹ R = R / γ − Q_G' [(Q_G'ᵀ R Q_A') ⊙ s' / (γ (s' + γ))] Q_A'ᵀ,
 
     which costs out·in·r_a + out·r_g·r_a instead of out²·in + out·in², and differs from the exact
     inverse by a relative at most ``_LOW_RANK_TOL`` in every dropped eigen-direction (exactly 0 where
-    an eigenvalue is 0). A side is truncated only when that keeps at most 3/4 of its dimension;
-    with none truncated the exact formula of the module docstring is used.
+    s is 0). A side is truncated only when that keeps at most 3/4 of its dimension; with none
+    truncated the exact formula of the module docstring is used.
     """
+    s = eig_g[:, None] * eig_a[None, :] if scale is None else scale
     floor = _LOW_RANK_TOL * gamma
-    keep_a = eig_a * float(eig_g.max()) >= floor
-    keep_g = eig_g * float(eig_a.max()) >= floor
+    keep_a = s.amax(dim=0) >= floor
+    keep_g = s.amax(dim=1) >= floor
     cut_a = int(keep_a.sum()) <= 0.75 * len(eig_a)
     cut_g = int(keep_g.sum()) <= 0.75 * len(eig_g)
     if not (cut_a or cut_g):
-        return _rotate(vec_a, vec_g, 1.0 / (eig_g[:, None] * eig_a[None, :] + gamma))
+        return _rotate(vec_a, vec_g, 1.0 / (s + gamma))
     if cut_a:
-        eig_a, vec_a = eig_a[keep_a], vec_a[:, keep_a]
+        s, vec_a = s[:, keep_a], vec_a[:, keep_a]
     if cut_g:
-        eig_g, vec_g = eig_g[keep_g], vec_g[:, keep_g]
-    ga = eig_g[:, None] * eig_a[None, :]
-    corr = ga / (gamma * (ga + gamma))  # (r_g, r_a)
+        s, vec_g = s[keep_g], vec_g[:, keep_g]
+    corr = s / (gamma * (s + gamma))  # (r_g, r_a)
     return lambda mat: mat / gamma - vec_g @ ((vec_g.T @ (mat @ vec_a)) * corr) @ vec_a.T
 
 
@@ -301,6 +319,8 @@ class KFAC:
             autoencoders made CG *slower* than without a preconditioner (docs/benchmarks/optim.md,
             section 4). The default, 16 draws, costs 16 backward passes per refresh.
         seed: seed of the draws.
+        corrected: EKFAC: replace the Kronecker eigenvalues by the blocks' second moments in the
+            Kronecker eigenbases (see the module docstring); "eigen" damping only.
 
     Raises:
         ValueError: ``samples`` is neither a positive count nor "exact".
@@ -308,12 +328,13 @@ class KFAC:
 
     def __init__(
         self, model: nn.Module, params: Sequence[torch.Tensor], offsets: Sequence[int],
-        samples: Samples = 16, seed: int = 0,
+        samples: Samples = 16, seed: int = 0, corrected: bool = False,
     ) -> None:  # fmt: skip
         if samples != "exact" and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
             raise ValueError(f"samples: expected a count >= 1 or 'exact', got {samples!r}")
         self.model = model
         self.samples = samples
+        self.corrected = bool(corrected)
         self.blocks = linear_blocks(model, params, offsets)
         self.numel = int(offsets[-1])
         self.generator = torch.Generator().manual_seed(int(seed))
@@ -335,6 +356,13 @@ class KFAC:
         Returns:
             [(A, G)] in block order; A is (in+1, in+1) with a bias, else (in, in); G is (out, out).
         """
+        return [(a, g) for a, g, _ in self._estimate(inputs, loss_of_outputs, keep_rows=False)]
+
+    def _estimate(
+        self, inputs: tuple[Any, ...], loss_of_outputs: Callable[[Any], torch.Tensor], keep_rows: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]] | None]]:
+        """[(A, G, rows)] per block; rows (with ``keep_rows``) = (ā rows (N, in'), g rows (N, out) per
+        draw, each already scaled by √weight so that G = Σ_draws gᵀ g), else None."""
         if not self.blocks:
             return []
         acts, outs, z = block_forward(self.model, self.blocks, inputs, "K-FAC")
@@ -342,6 +370,7 @@ class KFAC:
         ws = [] if not live else _output_sqrt_hessians(loss_of_outputs, z, self.samples, self.generator)
         weight = 1.0 if self.samples == "exact" else 1.0 / max(len(ws), 1)
         g_sum: dict[int, torch.Tensor | None] = {k: None for k in live}
+        g_rows: dict[int, list[torch.Tensor]] = {k: [] for k in range(len(self.blocks))}
         with torch.enable_grad():
             for n, w in enumerate(ws):
                 grads = torch.autograd.grad(
@@ -351,6 +380,8 @@ class KFAC:
                     if gk is None:
                         continue
                     gk = gk.reshape(-1, gk.shape[-1])  # (B·T, out)
+                    if keep_rows:
+                        g_rows[k].append(gk * math.sqrt(weight))
                     term = weight * gk.T @ gk
                     prev = g_sum[k]
                     g_sum[k] = term if prev is None else prev + term
@@ -366,16 +397,26 @@ class KFAC:
             if g is None:
                 g = torch.zeros(blk.out_features, blk.out_features, dtype=a.dtype, device=a.device)
             # rows beyond the batch axis (sequences): A averages them, G sums them ("expand")
-            result.append((big_a, mean_across(g)))
+            result.append((big_a, mean_across(g), (a, g_rows[k]) if keep_rows else None))
         return result
 
     def update(self, inputs: tuple[Any, ...], loss_of_outputs: Callable[[Any], torch.Tensor]) -> None:
-        """Re-estimate the factors on a batch and store their eigendecompositions."""
-        for blk, (a, g) in zip(self.blocks, self.factors(inputs, loss_of_outputs)):
+        """Re-estimate the factors on a batch and store their eigendecompositions (and EKFAC's s)."""
+        for blk, (a, g, rows) in zip(
+            self.blocks, self._estimate(inputs, loss_of_outputs, keep_rows=self.corrected)
+        ):
             ea, va = torch.linalg.eigh(a.double())
             eg, vg = torch.linalg.eigh(g.double())
             blk.eig_a, blk.vec_a = ea.clamp_min(0).to(a.dtype), va.to(a.dtype)
             blk.eig_g, blk.vec_g = eg.clamp_min(0).to(g.dtype), vg.to(g.dtype)
+            blk.scale = None
+            if rows is not None:
+                a_rows, g_draws = rows
+                pa = (a_rows @ blk.vec_a).square()  # (N, in'): the rows' squared coordinates in Q_A
+                s = torch.zeros(g.shape[0], pa.shape[1], dtype=g.dtype, device=g.device)  # (out, in')
+                for gk in g_draws:  # none for a block off this batch's path: s stays 0
+                    s = s + (gk @ blk.vec_g).square().T @ pa
+                blk.scale = mean_across(s)
 
     def inverse(
         self, damping: float, l2: torch.Tensor | None = None, mode: str = "eigen"
@@ -396,6 +437,8 @@ class KFAC:
         """
         if mode not in KFAC_DAMPINGS:
             raise ValueError(f"mode: expected one of {list(KFAC_DAMPINGS)}, got {mode!r}")
+        if mode == "pi" and self.corrected:
+            raise ValueError("mode: π-damping damps Kronecker factors; EKFAC (corrected) takes 'eigen'")
         if not self.ready:
             raise RuntimeError("KFAC.inverse: call update() first")
         plans: list[tuple[_Block, Callable[[torch.Tensor], torch.Tensor]]] = []
@@ -405,7 +448,9 @@ class KFAC:
             gamma = damping + (float(l2[blk.weight].mean()) if l2 is not None else 0.0)
             gamma = max(gamma, 1e-30)
             if mode == "eigen":
-                plans.append((blk, _eigen_inverse(blk.eig_a, blk.vec_a, blk.eig_g, blk.vec_g, gamma)))
+                plans.append(
+                    (blk, _eigen_inverse(blk.eig_a, blk.vec_a, blk.eig_g, blk.vec_g, gamma, blk.scale))
+                )
                 continue
             tr_a = float(blk.eig_a.mean())
             tr_g = float(blk.eig_g.mean())

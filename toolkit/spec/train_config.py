@@ -79,15 +79,21 @@ class OptimizerConfig(StrictModel):
     curvature_fraction: float = Field(
         default=0.25, gt=0.0, le=1.0, description="curvature batch / gradient batch"
     )
-    preconditioner: Literal["none", "diagonal", "kfac"] | None = Field(
+    preconditioner: Literal["none", "diagonal", "kfac", "ekfac", "nystrom"] | None = Field(
         default=None,
         description="CG preconditioner: kfac (Kronecker-factored blocks of the linear sublayers), "
-        "diagonal (Martens), none (default: the optimizer's)",
+        "ekfac (K-FAC's eigenbases with corrected eigenvalues), nystrom (randomized low-rank "
+        "sketch of the whole curvature), diagonal (Martens), none (default: the optimizer's)",
     )
     preconditioner_alpha: float | None = Field(
         default=None, ge=0.0, le=1.0, description="exponent of the diagonal preconditioner"
     )
-    kfac_every: int | None = Field(default=None, ge=1, description="outer steps between K-FAC estimates")
+    kfac_every: int | None = Field(
+        default=None, ge=1, description="outer steps between K-FAC estimates (or Nyström sketches)"
+    )
+    nystrom_rank: int | None = Field(
+        default=None, ge=1, description="curvature products per Nyström sketch; default: the optimizer's"
+    )
     kfac_samples: Annotated[int, Field(strict=True, ge=1)] | Literal["exact"] | None = Field(
         default=None,
         description="Monte-Carlo draws per example for K-FAC's output factor G, or exact "

@@ -147,6 +147,7 @@ def hf_hyper(cfg: Any, accepted: set[str]) -> dict[str, Any]:
         "preconditioner": cfg.preconditioner,
         "kfac_every": cfg.kfac_every,
         "kfac_samples": cfg.kfac_samples,
+        "nystrom_rank": cfg.nystrom_rank,
         "adaptive_cg": cfg.adaptive_cg,
         "jvp_mode": cfg.jvp_mode,
         "l2": reg.l2,
