@@ -98,3 +98,15 @@ def test_hessian_free_with_nystrom_trains_and_resumes_exactly(small_net) -> None
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(ValueError, match="nystrom_rank"):
         HessianFree(small_net(), F.mse_loss, preconditioner="nystrom", nystrom_rank=0)
+
+
+def test_spec_nystrom_settings_reach_the_optimizer(small_net) -> None:
+    from toolkit.spec.train_config import OptimizerConfig
+    from toolkit.train.optimizers import make_stepper
+
+    model = small_net()
+    cfg = OptimizerConfig(name="hessian_free", preconditioner="nystrom", nystrom_rank=12)
+    opt = make_stepper(model, F.mse_loss, list(model.parameters()), cfg).opt
+    assert (opt.defaults["preconditioner"], opt.defaults["nystrom_rank"]) == ("nystrom", 12)
+    with pytest.raises(ValueError, match="nystrom_rank"):
+        OptimizerConfig(name="hessian_free", nystrom_rank=0)
