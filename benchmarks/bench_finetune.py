@@ -216,6 +216,13 @@ def main() -> int:
         help="training seconds per probe run at most (default 270)",
     )
     ap.add_argument(
+        "--seeds",
+        default=None,
+        help="with --dense-only: re-run the chosen Hessian-free and AdamW settings of the existing "
+        "finetune_<trainable>.json with these data-order seeds (e.g. 1,2,3), same budget, and write "
+        "finetune_<trainable>_seeds.md (+ .json): per-seed and mean test figures, paired differences",
+    )
+    ap.add_argument(
         "--render", action="store_true", help="rewrite the markdown and plot from the JSON beside --out"
     )
     args = ap.parse_args()
@@ -227,6 +234,19 @@ def main() -> int:
     if args.probe:
         return _probe(args)
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 40.0)
+    if args.seeds is not None:
+        if not args.dense_only:
+            ap.error("--seeds: only with --dense-only")
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        base = args.out.with_name(f"{args.out.stem}_{args.trainable.replace(':', '')}.json")
+        if not seeds or not base.is_file():
+            ap.error(
+                f"--seeds: needs seeds and the report of the seed-0 run, {base} (run --dense-only first)"
+            )
+        return _seeds(args, seeds, base)
     if args.dense_only:
         return _dense_only(args, budget)
     distill_steps = args.distill_steps if args.distill_steps is not None else (3 if args.quick else 320)
@@ -387,9 +407,11 @@ def _precond(hf: dict[str, Any]) -> str:
         hf.get("kfac_samples", 16),
         hf.get("kfac_every", 5),
     )
-    if kind == "kfac":
+    if kind in ("kfac", "ekfac"):
         draws = "exact" if samples == "exact" else f"{samples} draws"
-        return f"K-FAC ({draws}, refreshed every {every} steps)"
+        return f"{'EKFAC' if kind == 'ekfac' else 'K-FAC'} ({draws}, refreshed every {every} steps)"
+    if kind == "nystrom":
+        return f"a Nyström sketch of the curvature (refreshed every {every} steps)"
     return "nothing" if kind == "none" else "the squared-gradient diagonal"
 
 
@@ -487,6 +509,93 @@ def _dense_only(args: Any, budget: float) -> int:
         f"- Hessian-free + regularizer ≥ the best AdamW on test accuracy: {say[doc['targets']['hf_test_accuracy_at_least_best_adamw']]}",
         f"- … with a smaller train − test gap: {say[doc['targets']['hf_gap_smaller_than_adamw']]}",
         f"- both above TF-IDF + logistic regression: {say[doc['targets']['hf_and_adamw_above_tfidf']]}",
+        "",
+    ]  # fmt: skip
+    out.write_text("\n".join(lines))
+    print(f"wrote {out} (+ .json) in {doc['total_seconds']:.0f} s", flush=True)
+    return 0
+
+
+def _seeds(args: Any, seeds: list[int], base: Path) -> int:
+    """The chosen settings of a --dense-only report, re-run with other data-order seeds (same budget)."""
+    doc0 = json.loads(base.read_text())
+    st0 = doc0["settings"]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+    work = ROOT / "runs" / f"bench-finetune-{args.trainable.replace(':', '')}-seeds"
+    dense, tok = load_hf(minilm_dir())
+    splits, _ = _splits(args.quick, args.max_length, tok)
+    prep = prepare_model(dense, splits, args.trainable)
+    start = param_copy(prep.train_model)
+    chosen = {key: doc0["results"][key]["chosen"] for key in ("hf", "adamw")}
+    configs = {
+        key: dataclasses.replace(FitConfig(**st0[key]), **{chosen[key]["setting"]: chosen[key]["value"]})
+        for key in ("hf", "adamw")
+    }
+    rows: dict[str, list[dict[str, Any]]] = {key: [{**chosen[key], "seed": 0}] for key in configs}
+    for seed in seeds:
+        for key, cfg in configs.items():
+            load_params_from(prep.train_model, start)
+            r = _run(prep, dataclasses.replace(cfg, seed=seed), work / f"{key}-seed{seed}")
+            r["seed"] = seed
+            rows[key].append(r)
+            print(f"  {key} seed {seed}: val {r['best_val_accuracy']:.4f} test {r['test_accuracy']:.4f} "
+                  f"gap {r['gap']:+.4f} ({r['steps']} steps, {r['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+    def stats(values: list[float]) -> dict[str, float]:
+        arr = np.asarray(values, dtype=float)
+        return {"mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+    summary = {
+        key: {m: stats([r[m] for r in rows[key]]) for m in ("best_val_accuracy", "test_accuracy", "gap")}
+        for key in rows
+    }
+    diffs = [h["test_accuracy"] - a["test_accuracy"] for h, a in zip(rows["hf"], rows["adamw"])]
+    paired = stats(diffs)
+    se = paired["sd"] / np.sqrt(len(diffs))
+    doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+           "from": base.name, "seeds": [0, *seeds], "rows": rows, "summary": summary,
+           "paired_test_difference": {**paired, "se": float(se), "values": diffs},
+           "targets": {"hf_mean_test_at_least_adamw": summary["hf"]["test_accuracy"]["mean"]
+                       >= summary["adamw"]["test_accuracy"]["mean"],
+                       "hf_mean_gap_smaller": summary["hf"]["gap"]["mean"] < summary["adamw"]["gap"]["mean"]},
+           "total_seconds": time.perf_counter() - t_all}  # fmt: skip
+    out = base.with_name(f"{base.stem}_seeds.md")
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    say = {True: "met", False: "**missed**"}
+    hf_s, ad_s = summary["hf"], summary["adamw"]
+    lines = [
+        f"# {args.trainable} + head: the chosen Hessian-free and AdamW settings over {len(seeds) + 1} data-order seeds",
+        "",
+        f"Written by `python benchmarks/bench_finetune.py --dense-only --trainable {args.trainable} --seeds "
+        f"{','.join(map(str, seeds))}`; {doc['total_seconds']:.0f} s in all. Machine: {doc['machine']['platform']}, "
+        f"{doc['machine']['cpus']} CPUs, torch threads {args.threads}, load average {load_start[0]:.1f} at the start, "
+        f"{doc['machine']['loadavg_end'][0]:.1f} at the end.",
+        "",
+        f"The settings each method chose on validation in [{base.stem}.md]({base.stem}.md) (seed 0, whose rows are "
+        f"taken from there): Hessian-free {chosen['hf']['setting']}={chosen['hf']['value']:g}, AdamW "
+        f"{chosen['adamw']['setting']}={chosen['adamw']['value']:g}; the same {st0['budget_seconds_per_run']:g} s per "
+        "run, start and early stopping; only the seed of the data order (and of Hessian-free's curvature "
+        "sub-batches) changes. The seed is shared by the two methods of a row, so their test difference is paired.",
+        "",
+        "| seed | Hessian-free best val | test | gap | AdamW best val | test | gap | HF − AdamW test (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for h, a, d in zip(rows["hf"], rows["adamw"], diffs):
+        lines.append(f"| {h['seed']} | {h['best_val_accuracy']:.4f} | {h['test_accuracy']:.4f} | {h['gap']:+.4f} | "
+                     f"{a['best_val_accuracy']:.4f} | {a['test_accuracy']:.4f} | {a['gap']:+.4f} | {100 * d:+.1f} |")  # fmt: skip
+    lines += [
+        f"| mean ± sd | {hf_s['best_val_accuracy']['mean']:.4f} ± {hf_s['best_val_accuracy']['sd']:.4f} | "
+        f"{hf_s['test_accuracy']['mean']:.4f} ± {hf_s['test_accuracy']['sd']:.4f} | {hf_s['gap']['mean']:+.4f} | "
+        f"{ad_s['best_val_accuracy']['mean']:.4f} ± {ad_s['best_val_accuracy']['sd']:.4f} | "
+        f"{ad_s['test_accuracy']['mean']:.4f} ± {ad_s['test_accuracy']['sd']:.4f} | {ad_s['gap']['mean']:+.4f} | "
+        f"{100 * paired['mean']:+.1f} ± {100 * se:.1f} (mean ± standard error) |",
+        "",
+        f"- Hessian-free's mean test accuracy ≥ AdamW's: {say[doc['targets']['hf_mean_test_at_least_adamw']]}",
+        f"- … with a smaller mean train − test gap: {say[doc['targets']['hf_mean_gap_smaller']]}",
         "",
     ]  # fmt: skip
     out.write_text("\n".join(lines))
