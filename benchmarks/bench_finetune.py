@@ -100,6 +100,12 @@ def _distill_batches(
     return [tokenize(tok, g, max_length) for g in groups]
 
 
+def _machine(args: Any, load_start: tuple[float, float, float]) -> dict[str, Any]:
+    """The report's machine record: platform, CPUs, torch threads, load average at the start and now."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}  # fmt: skip
+
+
 def _run(prepared: Any, cfg: FitConfig, run_dir: Path) -> dict[str, Any]:
     model = prepared.train_model
     res = fit(model, prepared.data["train"], prepared.data["val"], cfg, run_dir)
@@ -353,8 +359,7 @@ def main() -> int:
         "asvd_only_within_1_point": abs(hf["test_accuracy"] - hff["test_accuracy"]) <= 0.01,
     }
     doc = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "machine": _machine(args, load_start),
         "settings": {"quick": args.quick, "budget_seconds_per_run": budget, "trainable": args.trainable,
                      "max_length": args.max_length, "hf": dataclasses.asdict(hf_cfg),
                      "adamw": dataclasses.asdict(adam_cfg), "hf_setting": hf_name, "hf_l2_grid": hf_grid, "adamw_epochs": epochs, "adamw_lrs": ADAMW_LRS,
@@ -451,8 +456,7 @@ def _dense_only(args: Any, budget: float) -> int:
     test_split: Any = splits.test
     results["tfidf_lr"] = _tfidf_lr(raw, _label_ids(splits))
     hf, ad, tf = results["hf"]["chosen"], results["adamw"]["chosen"], results["tfidf_lr"]
-    doc: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+    doc: dict[str, Any] = {"machine": _machine(args, load_start),
            "settings": {"trainable": args.trainable, "params": n_params, "budget_seconds_per_run": budget,
                         "hf": dataclasses.asdict(hf_cfg), "hf_setting": hf_name, "hf_grid": hf_grid,
                         "adamw": dataclasses.asdict(adam_cfg), "adamw_epochs": epochs, "adamw_lrs": ADAMW_LRS},
@@ -555,8 +559,7 @@ def _seeds(args: Any, seeds: list[int], base: Path) -> int:
     diffs = [h["test_accuracy"] - a["test_accuracy"] for h, a in zip(rows["hf"], rows["adamw"])]
     paired = stats(diffs)
     se = paired["sd"] / np.sqrt(len(diffs))
-    doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+    doc = {"machine": _machine(args, load_start),
            "from": base.name, "seeds": [0, *seeds], "rows": rows, "summary": summary,
            "paired_test_difference": {**paired, "se": float(se), "values": diffs},
            "targets": {"hf_mean_test_at_least_adamw": summary["hf"]["test_accuracy"]["mean"]
@@ -665,8 +668,7 @@ def _probe(args: Any) -> int:
         runs.append(r)
         print(f"probe last:{k}: best val {r['best_val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, "
               f"{r['steps']} steps ({r['epochs_done']:.2f} epochs), {r['seconds']:.0f} s, {r['stopped']}", flush=True)  # fmt: skip
-    doc: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": args.threads,
-                       "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+    doc: dict[str, Any] = {"machine": _machine(args, load_start),
            "settings": {"epochs": args.probe_epochs, "lr": args.probe_lr, "budget_seconds_per_run": args.probe_budget,
                         "batch_size": 32, "bucket": BUCKET, "max_length": args.max_length, "quick": args.quick},
            "data": {"train": n, "val": len(splits.val), "test": len(splits.test or [])},
