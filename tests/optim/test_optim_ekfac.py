@@ -25,6 +25,15 @@ def _net_and_batch(loss_name: str, n: int, seed: int = 0):
     return model, x, lambda z: loss_fn(z, t)
 
 
+def _exact_ekfac(loss_name: str, n: int, seed: int = 0) -> tuple[KFAC, torch.Tensor]:
+    """EKFAC with exact factors on ``_net_and_batch``, and the dense float64 GN matrix it is checked against."""
+    model, x, loss = _net_and_batch(loss_name, n, seed)
+    ref, flat = dense_ggn(model, x, loss)
+    kfac = KFAC(model, flat.params, flat.offsets, samples="exact", corrected=True)
+    kfac.update((x,), loss)
+    return kfac, ref
+
+
 def _rotation(blk) -> torch.Tensor:
     """Q = Q_G ⊗ Q_A in the row-major order of [W b] (block_index's order)."""
     return torch.kron(blk.vec_g, blk.vec_a)
@@ -33,10 +42,7 @@ def _rotation(blk) -> torch.Tensor:
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 def test_corrected_eigenvalues_are_the_diagonal_of_the_rotated_block(loss_name: str) -> None:
     """s = diag(Qᵀ C_l Q) with C_l the dense Gauss-Newton block (jacrev / hessian), every block."""
-    model, x, loss = _net_and_batch(loss_name, n=7)
-    ref, flat = dense_ggn(model, x, loss)
-    kfac = KFAC(model, flat.params, flat.offsets, samples="exact", corrected=True)
-    kfac.update((x,), loss)
+    kfac, ref = _exact_ekfac(loss_name, n=7)
     for blk in kfac.blocks:
         idx = block_index(blk)
         q = _rotation(blk)
@@ -47,10 +53,7 @@ def test_corrected_eigenvalues_are_the_diagonal_of_the_rotated_block(loss_name: 
 
 def test_corrected_is_no_farther_from_the_block_than_kfac() -> None:
     """Both are diagonal in the same eigenbasis; s is the best such diagonal (Frobenius norm)."""
-    model, x, loss = _net_and_batch("cross_entropy", n=9, seed=1)
-    ref, flat = dense_ggn(model, x, loss)
-    kfac = KFAC(model, flat.params, flat.offsets, samples="exact", corrected=True)
-    kfac.update((x,), loss)
+    kfac, ref = _exact_ekfac("cross_entropy", n=9, seed=1)
     for blk in kfac.blocks:
         idx = block_index(blk)
         q = _rotation(blk)
@@ -102,32 +105,9 @@ def test_monte_carlo_corrected_eigenvalues_are_unbiased() -> None:
         assert float((s - blk.scale).norm() / blk.scale.norm()) < 0.05
 
 
-def test_hessian_free_with_ekfac_trains_and_resumes_exactly(small_net) -> None:
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2]], dim=1)
-    settings = dict(preconditioner="ekfac", kfac_every=2, curvature_fraction=0.25)
-
-    def run(opt: HessianFree, steps: int) -> list[float]:
-        return [opt.step((x,), y).new_loss for _ in range(steps)]
-
-    model = small_net(0)
-    start = float(F.mse_loss(model(x), y).detach())
-    straight = run(HessianFree(model, F.mse_loss, **settings), 7)
-    assert straight[-1] < 0.5 * start
-
-    first_model = small_net(0)
-    first = HessianFree(first_model, F.mse_loss, **settings)
-    run(first, 3)
-    state = first.state_dict()
+def test_hessian_free_with_ekfac_trains_and_resumes_exactly(trains_and_resumes) -> None:
+    state = trains_and_resumes(dict(preconditioner="ekfac", kfac_every=2, curvature_fraction=0.25))
     assert all(len(entry) == 5 for entry in state["state"]["hessian_free"]["kfac"])  # s is saved
-    copy = small_net(1)
-    copy.load_state_dict(first_model.state_dict())
-    second = HessianFree(copy, F.mse_loss, **settings)
-    second.load_state_dict(state)
-    assert run(second, 4) == straight[3:]
-    for p, q in zip(copy.parameters(), model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_ekfac_with_pi_damping_is_refused(small_net) -> None:

@@ -270,34 +270,9 @@ def test_default_draws_precondition_like_the_exact_factors_on_wide_layers(seed: 
     assert to_q99[1] > 3 * to_q99["exact"], to_q99  # the defect the default avoids
 
 
-def test_hessian_free_with_kfac_trains_and_resumes_exactly(small_net) -> None:
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    y = torch.stack([torch.sin(x[:, 0]), x[:, 1] * x[:, 2]], dim=1)  # (64, 2), learnable
-    settings = dict(preconditioner="kfac", kfac_every=2, adaptive_cg=True, cg_initial_iters=2,
-                    adaptive_curvature=True, curvature_fraction=0.25)  # fmt: skip
-
-    def run(model: nn.Module, opt: HessianFree, steps: int) -> list[float]:
-        return [opt.step((x,), y).new_loss for _ in range(steps)]
-
-    model = small_net(0)
-    opt = HessianFree(model, F.mse_loss, **settings)
-    start = float(F.mse_loss(model(x), y).detach())
-    straight = run(model, opt, 7)
-    assert straight[-1] < 0.5 * start
-
-    resumed_model = small_net(0)
-    first = HessianFree(resumed_model, F.mse_loss, **settings)
-    run(resumed_model, first, 3)
-    state = first.state_dict()
-    copy = small_net(1)
-    copy.load_state_dict(resumed_model.state_dict())
-    second = HessianFree(copy, F.mse_loss, **settings)
-    second.load_state_dict(state)
-    rest = run(copy, second, 4)
-    assert rest == straight[3:]
-    for p, q in zip(copy.parameters(), model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+def test_hessian_free_with_kfac_trains_and_resumes_exactly(trains_and_resumes) -> None:
+    trains_and_resumes(dict(preconditioner="kfac", kfac_every=2, adaptive_cg=True, cg_initial_iters=2,
+                            adaptive_curvature=True, curvature_fraction=0.25))  # fmt: skip
 
 
 def test_bad_preconditioner_settings_rejected(small_net) -> None:
